@@ -24,16 +24,31 @@ from torch.autograd.function import once_differentiable
 __all__ = ["sweep_lines"]
 
 
+def _line_ranges(num_lines: int, reverse: bool) -> tuple[slice, slice, int]:
+    """(updated lines, their previous lines, the unchanged first line) of a sweep."""
+    if reverse:
+        return slice(0, num_lines - 1), slice(1, num_lines), num_lines - 1
+    return slice(1, num_lines), slice(0, num_lines - 1), 0
+
+
 def _line_order(num_lines: int, reverse: bool) -> list[tuple[int, int]]:
-    """(line, previous line) pairs in processing order; the first line is left unchanged."""
+    """(line, previous line) pairs in processing order."""
     if reverse:
         return [(d, d + 1) for d in range(num_lines - 2, -1, -1)]
     return [(d, d - 1) for d in range(1, num_lines)]
 
 
-def _neighbour_blocks(weight_ih: Tensor, num_features: int) -> list[Tensor]:
-    """Split W_ih (3F, 3F) into the blocks that multiply n(i-1), n(i) and n(i+1)."""
-    return [weight_ih[:, k * num_features : (k + 1) * num_features] for k in range(3)]
+def _neighbour_blocks(weight: Tensor, num_features: int) -> list[Tensor]:
+    """Split W_ih (G, 3F) into contiguous blocks multiplying n(i-1), n(i) and n(i+1)."""
+    return [weight[:, k * num_features : (k + 1) * num_features].contiguous() for k in range(3)]
+
+
+def _add_neighbour_products(acc: Tensor, prev: Tensor, blocks_t: list[Tensor], batch: int) -> None:
+    """acc[i] += W0·prev[i-1] + W1·prev[i] + W2·prev[i+1] for rows ordered (position, batch)."""
+    rows = prev.shape[0]
+    acc.addmm_(prev, blocks_t[1])
+    acc[batch:].addmm_(prev[: rows - batch], blocks_t[0])
+    acc[: rows - batch].addmm_(prev[batch:], blocks_t[2])
 
 
 class _SweepFunction(torch.autograd.Function):
@@ -51,101 +66,104 @@ class _SweepFunction(torch.autograd.Function):
         num_lines, length, batch, feat = lines.shape
         rows = length * batch
         x = lines.contiguous()
-        x_flat = x.view(num_lines, rows, feat)
-        w_blocks_t = [w.t() for w in _neighbour_blocks(weight_ih, feat)]
+        x_rows = x.view(num_lines, rows, feat)
+        rz_blocks_t = [w.t() for w in _neighbour_blocks(weight_ih[: 2 * feat], feat)]
+        n_blocks_t = [w.t() for w in _neighbour_blocks(weight_ih[2 * feat :], feat)]
 
-        # Hidden-state product of the whole map at once: it never reads updated values.
-        gh = torch.addmm(bias_hh, x.view(-1, feat), weight_hh.t()).view(num_lines, rows, 3 * feat)
-
-        # Output lines live in a buffer padded by one zero position at both ends of every line,
-        # so that the neighbour at offset k of position i is row (i + k) of the padded line.
-        out = x.new_zeros(num_lines, length + 2, batch, feat)
-        out_flat = out.view(num_lines, (length + 2) * batch, feat)
+        # Hidden-state products of the whole map at once (they never read updated values).
+        # The reset/update pre-activations start as W_hh·x + b_hh + b_ih and receive the input
+        # products line by line; they then hold the gates themselves (saved for the backward).
+        flat = x.view(-1, feat)
+        rz = torch.addmm(bias_hh[: 2 * feat] + bias_ih[: 2 * feat], flat, weight_hh[: 2 * feat].t())
+        rz = rz.view(num_lines, rows, 2 * feat)
+        gh_n = torch.addmm(bias_hh[2 * feat :], flat, weight_hh[2 * feat :].t())
+        gh_n = gh_n.view(num_lines, rows, feat)
+        cand = torch.empty_like(x_rows)  # candidate state n of every line
+        out = torch.empty_like(x_rows)
         order = _line_order(num_lines, reverse)
-        first = order[0][1] if order else 0
-        out[first, 1 : length + 1] = x[first]
-        gates = x.new_empty(num_lines, rows, 3 * feat) if save_for_backward else None
+        _, _, first = _line_ranges(num_lines, reverse)
+        out[first] = x_rows[first]
 
         for d, p in order:
-            prev = out_flat[p]
-            gi = torch.addmm(bias_ih, prev[0:rows], w_blocks_t[0])
-            gi.addmm_(prev[batch : batch + rows], w_blocks_t[1])
-            gi.addmm_(prev[2 * batch : 2 * batch + rows], w_blocks_t[2])
-            ghd = gh[d]
-            rz = torch.sigmoid(gi[:, : 2 * feat] + ghd[:, : 2 * feat])
-            r, z = rz[:, :feat], rz[:, feat:]
-            n = torch.tanh(torch.addcmul(gi[:, 2 * feat :], r, ghd[:, 2 * feat :]))
-            # h' = (1 - z) * n + z * h, written straight into the padded output buffer.
-            torch.lerp(n, x_flat[d], z, out=out_flat[d, batch : batch + rows])
-            if gates is not None:
-                gates[d, :, : 2 * feat] = rz
-                gates[d, :, 2 * feat :] = n
+            prev = out[p]
+            gates = rz[d]
+            _add_neighbour_products(gates, prev, rz_blocks_t, batch)
+            gates.sigmoid_()
+            r, z = gates[:, :feat], gates[:, feat:]
+            n = torch.addmm(bias_ih[2 * feat :], prev, n_blocks_t[1], out=cand[d])
+            n[batch:].addmm_(prev[: rows - batch], n_blocks_t[0])
+            n[: rows - batch].addmm_(prev[batch:], n_blocks_t[2])
+            n.addcmul_(r, gh_n[d]).tanh_()
+            # h' = (1 - z) * n + z * h
+            torch.lerp(n, x_rows[d], z, out=out[d])
 
         if save_for_backward:
-            ctx.save_for_backward(x, out, gates, gh, weight_ih, weight_hh)
+            ctx.save_for_backward(x, out, rz, cand, gh_n, weight_ih, weight_hh)
             ctx.reverse = reverse
-        return out[:, 1 : length + 1]
+        return out.view(num_lines, length, batch, feat)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        x, out, gates, gh, weight_ih, weight_hh = ctx.saved_tensors
+        x, out, rz, cand, gh_n, weight_ih, weight_hh = ctx.saved_tensors
         num_lines, length, batch, feat = x.shape
         rows = length * batch
-        order = _line_order(num_lines, ctx.reverse)
-        w_ih = weight_ih  # (3F, 3F): rows [r; z; n], columns [n(i-1) | n(i) | n(i+1)]
+        done, prev_of_done, first = _line_ranges(num_lines, ctx.reverse)
+        x_rows = x.view(num_lines, rows, feat)
+        blocks = _neighbour_blocks(weight_ih, feat)  # (3F, F) each
+
+        # Everything that does not depend on the incoming gradient, for all lines at once:
+        # dL/d(pre-activation) = g * coefficient, per gate.
+        r, z, n = rz[done, :, :feat], rz[done, :, feat:], cand[done]
+        coef_n = (1 - z) * (1 - n * n)
+        coef_z = (x_rows[done] - n) * z * (1 - z)
+        coef_r = gh_n[done] * r * (1 - r)
 
         # Gradient w.r.t. every output line; the input path adds into the previous line.
-        grad_lines = grad_out.contiguous().clone().view(num_lines, length, batch, feat)
-        grad_x = torch.empty_like(x)
-        grad_gates = x.new_zeros(num_lines, rows, 3 * feat)  # d(pre-activations) of the input path
-
-        for d, p in reversed(order):
-            g = grad_lines[d].view(rows, feat)
-            r = gates[d, :, :feat]
-            z = gates[d, :, feat : 2 * feat]
-            n = gates[d, :, 2 * feat :]
-            h = x[d].view(rows, feat)
-            ghn = gh[d, :, 2 * feat :]
-            torch.mul(g, z, out=grad_x[d].view(rows, feat))
-            dn_pre = g * (1 - z) * (1 - n * n)
-            dz_pre = g * (h - n) * z * (1 - z)
-            dr_pre = dn_pre * ghn * r * (1 - r)
-            dgi = grad_gates[d]
-            dgi[:, :feat] = dr_pre
-            dgi[:, feat : 2 * feat] = dz_pre
-            dgi[:, 2 * feat :] = dn_pre
-            # Input path into the previous line: position i received n(i-1+k) through block k.
-            y = torch.mm(dgi, w_ih).view(length, batch, 3 * feat)
+        grad_lines = grad_out.contiguous().view(num_lines, rows, feat).clone()
+        grad_pre = torch.empty(num_lines, rows, 3 * feat, dtype=x.dtype, device=x.device)
+        offset = done.start
+        for d, p in reversed(_line_order(num_lines, ctx.reverse)):
+            g = grad_lines[d]
+            pre = grad_pre[d]
+            dn = torch.mul(g, coef_n[d - offset], out=pre[:, 2 * feat :])
+            torch.mul(g, coef_z[d - offset], out=pre[:, feat : 2 * feat])
+            torch.mul(dn, coef_r[d - offset], out=pre[:, :feat])
+            # previous line position j received n(j) through W1, and was n(i∓1) of i = j±1
             gp = grad_lines[p]
-            gp += y[:, :, feat : 2 * feat]
-            gp[:-1] += y[1:, :, :feat]
-            gp[1:] += y[:-1, :, 2 * feat :]
+            gp.addmm_(pre, blocks[1])
+            gp[: rows - batch].addmm_(pre[batch:], blocks[0])
+            gp[batch:].addmm_(pre[: rows - batch], blocks[2])
 
-        first = order[0][1] if order else 0
+        grad_x = torch.empty_like(x_rows)
         grad_x[first] = grad_lines[first]
+        torch.mul(grad_lines[done], z, out=grad_x[done])  # direct path h' = ... + z·h
 
-        # Hidden path, for all lines at once: dgh = [dr, dz, dn * r].
-        grad_hidden = grad_gates.clone()
-        grad_hidden[:, :, 2 * feat :] *= gates[:, :, :feat]
-        gh_flat = grad_hidden.view(-1, 3 * feat)
-        grad_x.view(-1, feat).addmm_(gh_flat, weight_hh)
-        grad_weight_hh = gh_flat.t().mm(x.view(-1, feat))
-        grad_bias_hh = gh_flat.sum(0)
+        # Hidden path, all lines at once: d(W_hh·h + b_hh) = [dr, dz, dn·r].
+        grad_hidden = grad_pre[done].clone()
+        grad_hidden[:, :, 2 * feat :] *= r
+        grad_hidden = grad_hidden.view(-1, 3 * feat)
+        grad_x[done].view(-1, feat).addmm_(grad_hidden, weight_hh)
+        grad_weight_hh = grad_hidden.t().mm(x_rows[done].reshape(-1, feat))
+        grad_bias_hh = grad_hidden.sum(0)
 
-        # Input weights: one product per neighbour offset over all processed lines.
-        lines_done = [d for d, _ in order]
-        prev_lines = [p for _, p in order]
-        gi_flat = grad_gates[lines_done].view(-1, 3 * feat)
+        # Input weights: one product per neighbour offset over all updated lines.
+        g_pre = grad_pre[done].view(-1, length, batch, 3 * feat)
+        prev = out[prev_of_done].view(-1, length, batch, feat)
+        pairs = [(g_pre[:, 1:], prev[:, :-1]), (g_pre, prev), (g_pre[:, :-1], prev[:, 1:])]
         grad_weight_ih = torch.cat(
-            [
-                gi_flat.t().mm(out[prev_lines, k : k + length].reshape(-1, feat))
-                for k in range(3)
-            ],
-            dim=1,
+            [gp.reshape(-1, 3 * feat).t().mm(pv.reshape(-1, feat)) for gp, pv in pairs], dim=1
         )
-        grad_bias_ih = gi_flat.sum(0)
-        return grad_x, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, None, None
+        grad_bias_ih = g_pre.reshape(-1, 3 * feat).sum(0)
+        return (
+            grad_x.view(num_lines, length, batch, feat),
+            grad_weight_ih,
+            grad_weight_hh,
+            grad_bias_ih,
+            grad_bias_hh,
+            None,
+            None,
+        )
 
 
 def sweep_lines(
