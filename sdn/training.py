@@ -1,0 +1,478 @@
+"""The seeded, resumable, DDP-aware trainer: Adamax, exponential LR decay, EMA weights, atomic checkpoints.
+
+One ``seed`` drives everything (Python, NumPy, torch, DataLoader workers, the data order), so two
+runs of one config on CPU give bit-identical results, and a run killed after a checkpoint and
+resumed gives the same result as an uninterrupted one. Launch with ``torchrun`` for multi-GPU; the
+global batch is split into equal per-rank slices, so the result matches a single-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from sdn.callbacks import Callback, CallbackList
+from sdn.checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    capture_rng_state,
+    checkpoint_file,
+    read_checkpoint,
+    restore_rng_state,
+)
+from sdn.distributed import (
+    DEVICES,
+    DistContext,
+    ShardedBatchSampler,
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    derive_seed,
+    rank_seed,
+    setup_distributed,
+)
+from sdn.ema import ExponentialMovingAverage
+from sdn.seeding import make_generator, seed_everything, seed_worker
+
+log = logging.getLogger(__name__)
+
+# Config fields that must match when resuming: changing them would silently change the result.
+_RESUME_FIELDS = ("seed", "batch_size", "lr", "lr_decay", "lr_decay_every", "ema_decay", "grad_clip")
+_RESERVED_METRICS = ("grad_norm", "lr")
+_EVAL_SEED_KEY = 0xE7A1  # mixes evaluation seeds away from the training streams
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"TrainConfig.{name} must be {kind}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool,
+                 optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(
+            f"TrainConfig.{name} must be a float in {interval}{' or None' if optional else ''}, got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run.
+
+    ``batch_size`` is global (split equally over ranks). ``lr_decay`` is the ExponentialLR gamma,
+    applied every ``lr_decay_every`` steps (None: once per epoch). ``ema_decay`` None disables EMA;
+    ``grad_clip`` None disables clipping (the norm is still logged). ``eval_every`` (None: off)
+    runs ``train(..., eval_fn=...)`` on the EMA model. ``amp`` (bf16 autocast) and
+    ``channels_last`` apply on CUDA only and are ignored on CPU. ``deterministic`` switches on
+    ``torch.use_deterministic_algorithms`` (turn it off only for a CUDA op that has no
+    deterministic kernel; runs are then no longer bit-reproducible on GPU).
+    """
+
+    steps: int
+    batch_size: int
+    lr: float = 2e-3
+    lr_decay: float = 1.0
+    lr_decay_every: int | None = None
+    ema_decay: float | None = 0.999
+    grad_clip: float | None = None
+    checkpoint_every: int = 1000
+    log_every: int = 100
+    eval_every: int | None = None
+    seed: int = 0
+    num_workers: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    device: str = "auto"
+    deterministic: bool = True
+    find_unused_parameters: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("steps", self.steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_float("lr", self.lr, 0.0, math.inf, True, True)
+        _check_float("lr_decay", self.lr_decay, 0.0, 1.0, True, False)
+        _check_int("lr_decay_every", self.lr_decay_every, 1, optional=True)
+        _check_float("ema_decay", self.ema_decay, 0.0, 1.0, False, True, optional=True)
+        _check_float("grad_clip", self.grad_clip, 0.0, math.inf, True, True, optional=True)
+        _check_int("checkpoint_every", self.checkpoint_every, 1)
+        _check_int("log_every", self.log_every, 1)
+        _check_int("eval_every", self.eval_every, 1, optional=True)
+        _check_int("seed", self.seed, 0)
+        _check_int("num_workers", self.num_workers, 0)
+        for name in ("amp", "channels_last", "deterministic", "find_unused_parameters", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainConfig.device must be one of {DEVICES}, got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping (e.g. a ``params.yaml`` section); unknown keys are an error."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf at ``step``; parameters were not updated with it and
+    the last checkpoint on disk (if any) is from before that step."""
+
+    def __init__(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.step = step
+        self.metrics = dict(metrics)
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(self.metrics.items()))
+        super().__init__(
+            f"non-finite loss or gradient norm at step {step} ({shown}); training stopped, "
+            "the last good checkpoint is kept"
+        )
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands back. ``metrics`` are the means over the last logging window
+    (averaged over ranks); ``ema_model`` is None when EMA is off."""
+
+    metrics: dict[str, float]
+    steps: int
+    model: nn.Module
+    ema_model: nn.Module | None
+    eval_metrics: dict[str, float] | None
+    checkpoint_path: Path | None
+    start_step: int
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights evaluation should use: EMA when enabled, the raw model otherwise."""
+        return self.ema_model if self.ema_model is not None else self.model
+
+
+def forward_backward(
+    model: nn.Module, images: torch.Tensor, use_amp: bool = False
+) -> dict[str, torch.Tensor]:
+    """Run ``model(images)`` (bf16 autocast on CUDA when ``use_amp``) and backpropagate ``"loss"``.
+
+    Returns the model's output dict after checking the contract: scalar tensors including ``"loss"``.
+    """
+    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        out = model(images)
+    if not isinstance(out, Mapping) or "loss" not in out:
+        raise ValueError(f"model forward must return a dict with a 'loss' entry, got {type(out).__name__}")
+    for key, value in out.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError(f"model output {key!r} must be a scalar tensor, got {value!r}")
+        if key in _RESERVED_METRICS:
+            raise ValueError(f"model output {key!r} clashes with a metric the trainer logs itself")
+    out["loss"].reshape(()).backward()
+    return dict(out)
+
+
+def grad_norm_and_clip(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Total L2 norm of the gradients (before clipping); clip them to ``max_norm`` if given."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        raise ValueError("no parameter received a gradient: the loss does not depend on the model")
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def train(
+    model: nn.Module,
+    train_dataset: Dataset,
+    config: TrainConfig,
+    checkpoint_dir: str | os.PathLike[str] | None,
+    callbacks: Iterable[Callback] = (),
+    resume: bool = True,
+    eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+) -> TrainResult:
+    """Train ``model`` (``forward(images_uint8) -> {"loss", ...}``) on ``train_dataset`` (items
+    ``(image_uint8, factors)``) for ``config.steps`` optimizer steps.
+
+    With ``resume`` and a checkpoint in ``checkpoint_dir``, training continues from it; if that
+    checkpoint is already at ``config.steps`` nothing is trained. Under torchrun every rank calls
+    this; ``checkpoint_dir`` must then be on a filesystem all ranks see. ``eval_fn(model)`` (rank 0,
+    no grad, eval mode, fixed seed per step) gets the EMA model every ``config.eval_every`` steps.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not hasattr(train_dataset, "__len__") or not hasattr(train_dataset, "__getitem__"):
+        raise ValueError("train_dataset must be a map-style dataset with __len__ and __getitem__")
+    if config.eval_every is not None and eval_fn is None:
+        raise ValueError("TrainConfig.eval_every is set but no eval_fn was given")
+    hooks = CallbackList(callbacks)
+    ctx = setup_distributed(config.device)
+    if config.batch_size % ctx.world_size:
+        raise ValueError(
+            f"TrainConfig.batch_size (global) must be a multiple of the world size {ctx.world_size}, "
+            f"got {config.batch_size}"
+        )
+    num_samples = len(train_dataset)
+    steps_per_epoch = num_samples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {num_samples} items, fewer than TrainConfig.batch_size={config.batch_size}")
+    if not ctx.is_main:
+        hooks = CallbackList()
+    decay_every = config.lr_decay_every or steps_per_epoch
+    ckpt_path = checkpoint_file(checkpoint_dir) if checkpoint_dir is not None else None
+    device = ctx.device
+    use_amp = config.amp and device.type == "cuda"
+    channels_last = config.channels_last and device.type == "cuda"
+    seed_everything(rank_seed(config.seed, ctx.rank), deterministic=config.deterministic)
+    if not config.deterministic:
+        torch.use_deterministic_algorithms(False)
+
+    state = _resume_state(ckpt_path, resume, config, num_samples, ctx)
+    start_step = state["step"] if state else 0
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if state:
+        model.load_state_dict(state["model"])
+    if state and start_step == config.steps:
+        log.info("checkpoint %s is already at step %d: nothing to train", ckpt_path, start_step)
+        ema = _make_ema(model, config, state)
+        return TrainResult(dict(state["metrics"]), start_step, model, ema.module if ema else None,
+                           state["eval_metrics"], ckpt_path, start_step)
+
+    net: nn.Module = model
+    if ctx.is_distributed:  # broadcasts rank 0's weights, so EMA below starts identical everywhere
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters,
+        )
+    ema = _make_ema(model, config, state)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    window: dict[str, Any] = {"count": 0, "sums": {}, "lr": None}
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] | None = None
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        window, metrics, eval_metrics = state["window"], dict(state["metrics"]), state["eval_metrics"]
+        _restore_rank_rng(state["rng"], config.seed, start_step, ctx)
+        log.info("resuming from %s at step %d", ckpt_path, start_step)
+
+    hooks.on_train_start({
+        "start_step": start_step, "steps": config.steps, "config": config.to_dict(),
+        "world_size": ctx.world_size, "device": str(device), "steps_per_epoch": steps_per_epoch,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    })
+    began = time.perf_counter()
+    step = start_step
+    metric_keys: list[str] | None = None
+    model.train()
+    bar = tqdm(total=config.steps, initial=start_step, desc="train", dynamic_ncols=True,
+               disable=not (ctx.is_main and config.progress))
+    try:
+        while step < config.steps:
+            epoch, start_batch = divmod(step, steps_per_epoch)
+            for batch in _make_loader(train_dataset, config, ctx, epoch, start_batch):
+                step += 1
+                images = batch[0] if isinstance(batch, list | tuple) else batch
+                if images.dtype != torch.uint8:
+                    raise ValueError(f"dataset images must be torch.uint8 (C, H, W), got {images.dtype}")
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                lr = optimizer.param_groups[0]["lr"]
+                values = _optimizer_step(net, model, images, optimizer, config.grad_clip, use_amp, ctx, step)
+                if metric_keys is None:
+                    metric_keys = sorted(values)
+                elif sorted(values) != metric_keys:  # the all-reduced vector must line up across steps
+                    raise ValueError(f"model output keys changed from {metric_keys} to {sorted(values)}")
+                if ema is not None:
+                    ema.update(model)
+                if step % decay_every == 0:
+                    scheduler.step()
+                _accumulate(window, values, lr)
+                bar.update(1)
+                last = step == config.steps
+                if step % config.log_every == 0 or last:
+                    metrics = _window_means(window)
+                    window = {"count": 0, "sums": {}, "lr": None}
+                    hooks.on_step_end(step, metrics)
+                    bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "bpd") if k in metrics})
+                if eval_fn is not None and config.eval_every is not None and (step % config.eval_every == 0 or last):
+                    eval_metrics = _evaluate(eval_fn, ema.module if ema else model, config.seed, step, ctx)
+                    hooks.on_eval(step, eval_metrics)
+                if ckpt_path is not None and (step % config.checkpoint_every == 0 or last):
+                    _save(ckpt_path, step, steps_per_epoch, last, model, ema, optimizer, scheduler,
+                          window, metrics, eval_metrics, config, num_samples, ctx, hooks)
+                if last:
+                    break
+    finally:
+        bar.close()
+    hooks.on_train_end({
+        "start_step": start_step, "steps": step, "metrics": metrics, "eval_metrics": eval_metrics,
+        "checkpoint_path": ckpt_path, "wall_time_s": time.perf_counter() - began,
+    })
+    return TrainResult(metrics, step, model, ema.module if ema else None, eval_metrics, ckpt_path, start_step)
+
+
+def _optimizer_step(net: nn.Module, model: nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    grad_clip: float | None, use_amp: bool, ctx: DistContext, step: int) -> dict[str, float]:
+    """Forward/backward, grad norm (+clip), rank-averaged metrics; the update is applied only when
+    the loss and gradient norm are finite (otherwise :class:`NonFiniteLossError`)."""
+    optimizer.zero_grad(set_to_none=True)
+    out = forward_backward(net, images, use_amp)
+    keys = sorted(out)
+    norm = grad_norm_and_clip(model.parameters(), grad_clip)
+    vector = torch.stack([out[k].detach().float().reshape(()) for k in keys] + [norm.float()])
+    values = dict(zip([*keys, "grad_norm"], all_reduce_mean(vector, ctx).tolist(), strict=True))
+    if not all(math.isfinite(v) for v in values.values()):
+        raise NonFiniteLossError(step, values)
+    optimizer.step()
+    return values
+
+
+def _make_ema(model: nn.Module, config: TrainConfig, state: Mapping[str, Any] | None) -> ExponentialMovingAverage | None:
+    if config.ema_decay is None:
+        return None
+    ema = ExponentialMovingAverage(model, config.ema_decay)
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+    return ema
+
+
+def _make_loader(dataset: Dataset, config: TrainConfig, ctx: DistContext, epoch: int, start_batch: int) -> DataLoader:
+    """This rank's loader for ``epoch`` from ``start_batch`` on; worker seeds depend on (seed, epoch, rank)."""
+    sampler = ShardedBatchSampler(len(dataset), config.batch_size, config.seed, epoch,
+                                  ctx.rank, ctx.world_size, start_batch)
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=config.num_workers,
+        worker_init_fn=seed_worker if config.num_workers else None,
+        generator=make_generator(derive_seed(config.seed, epoch, ctx.rank)),
+        pin_memory=ctx.device.type == "cuda",
+    )
+
+
+def _accumulate(window: dict[str, Any], values: Mapping[str, float], lr: float) -> None:
+    window["count"] += 1
+    for key, value in values.items():
+        window["sums"][key] = window["sums"].get(key, 0.0) + value
+    window["lr"] = lr
+
+
+def _window_means(window: Mapping[str, Any]) -> dict[str, float]:
+    means = {key: total / window["count"] for key, total in window["sums"].items()}
+    means["lr"] = window["lr"]
+    return means
+
+
+def _evaluate(eval_fn: Callable[[nn.Module], Mapping[str, float]], module: nn.Module, seed: int,
+              step: int, ctx: DistContext) -> dict[str, float]:
+    """Run ``eval_fn`` on rank 0 with a seed fixed by (seed, step), leaving the training RNG untouched;
+    the other ranks wait. Returns the metrics (empty on other ranks)."""
+    result: dict[str, float] = {}
+    if ctx.is_main:
+        saved = capture_rng_state(ctx.device)
+        was_training = module.training
+        module.eval()
+        try:
+            seed_everything(derive_seed(seed, step, _EVAL_SEED_KEY),
+                            deterministic=torch.are_deterministic_algorithms_enabled())
+            with torch.no_grad():
+                raw = eval_fn(module)
+        finally:
+            module.train(was_training)
+            restore_rng_state(saved, ctx.device)
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"eval_fn must return a dict of floats, got {type(raw).__name__}")
+        result = {str(k): float(v) for k, v in raw.items()}
+    barrier(ctx)
+    return result
+
+
+def _save(path: Path, step: int, steps_per_epoch: int, finished: bool, model: nn.Module,
+          ema: ExponentialMovingAverage | None, optimizer: torch.optim.Optimizer,
+          scheduler: torch.optim.lr_scheduler.LRScheduler, window: Mapping[str, Any],
+          metrics: Mapping[str, float], eval_metrics: Mapping[str, float] | None, config: TrainConfig,
+          num_samples: int, ctx: DistContext, hooks: CallbackList) -> None:
+    """Gather every rank's RNG state; rank 0 writes the checkpoint atomically."""
+    rng = all_gather_objects(capture_rng_state(ctx.device), ctx)
+    if ctx.is_main:
+        epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+        atomic_save({
+            "format_version": FORMAT_VERSION,
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "finished": finished,
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng, "window": dict(window), "metrics": dict(metrics),
+            "eval_metrics": dict(eval_metrics) if eval_metrics is not None else None,
+            "config": config.to_dict(), "num_samples": num_samples, "world_size": ctx.world_size,
+        }, path)
+        hooks.on_checkpoint(step, path)
+
+
+def _resume_state(path: Path | None, resume: bool, config: TrainConfig, num_samples: int,
+                  ctx: DistContext) -> dict[str, Any] | None:
+    """The checkpoint to resume from (validated against ``config``), or None for a fresh start."""
+    state = None
+    if path is not None and path.is_file():
+        if resume:
+            state = read_checkpoint(path)
+        elif ctx.is_main:
+            log.warning("resume=False: the checkpoint %s will be overwritten by a fresh run", path)
+    steps_seen = all_gather_objects(state["step"] if state else None, ctx)
+    if len(set(steps_seen)) > 1:
+        raise RuntimeError(f"ranks found different checkpoints (steps {steps_seen}); "
+                           "checkpoint_dir must be on a filesystem every rank sees")
+    if state is None:
+        return None
+    saved = state["config"]
+    mismatched = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(config, k)!r}"
+                  for k in _RESUME_FIELDS if saved.get(k) != getattr(config, k)]
+    if state["num_samples"] != num_samples:
+        mismatched.append(f"dataset size: checkpoint {state['num_samples']} vs {num_samples}")
+    if mismatched:
+        raise ValueError(f"cannot resume from {path}, it was written by a different run ("
+                         + "; ".join(mismatched) + "); use a new checkpoint_dir or resume=False")
+    if state["step"] > config.steps:
+        raise ValueError(f"checkpoint {path} is at step {state['step']}, beyond TrainConfig.steps={config.steps}")
+    return state
+
+
+def _restore_rank_rng(rng: list[dict[str, Any]], seed: int, step: int, ctx: DistContext) -> None:
+    if len(rng) == ctx.world_size:
+        restore_rng_state(rng[ctx.rank], ctx.device)
+        return
+    warnings.warn(
+        f"checkpoint was written by {len(rng)} ranks, this run has {ctx.world_size}: data order is "
+        "unchanged but random streams are re-derived, so the result differs from an uninterrupted run",
+        stacklevel=3,
+    )
+    seed_everything(derive_seed(seed, ctx.rank, step), deterministic=torch.are_deterministic_algorithms_enabled())

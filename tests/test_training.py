@@ -1,0 +1,522 @@
+"""Tests of the trainer (sdn.training), its checkpoints, EMA, sampler, callbacks and DDP path.
+
+The models here are tiny stand-ins that follow the model contract of docs/architecture.md:
+``forward(images_uint8) -> {"loss", "bpd", ...}``. ``TinyVAE`` draws a reparameterised latent,
+so resume bit-identity also checks that RNG states are saved and restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from sdn.callbacks import Callback, CallbackList, CurveWriter
+from sdn.checkpoint import atomic_save, capture_rng_state, load_checkpoint, read_checkpoint, restore_rng_state
+from sdn.distributed import ShardedBatchSampler, derive_seed, epoch_permutation
+from sdn.ema import ExponentialMovingAverage
+from sdn.training import NonFiniteLossError, TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest (and unaffected by other load) on one intra-op thread; the trainer's
+    global switch to deterministic algorithms is undone for the test modules that follow."""
+    before = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+class TinyVAE(nn.Module):
+    """Bernoulli VAE on binary images: conv encoder -> Gaussian latent (one reparameterised draw)
+    -> conv decoder. Loss = batch-mean negative ELBO in nats per image. ``nan_at_call`` makes the
+    n-th training forward return a NaN loss."""
+
+    def __init__(self, latent: int = 2, nan_at_call: int | None = None) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(1, 2 * latent, 3, padding=1)
+        self.dec = nn.Conv2d(latent, 1, 3, padding=1)
+        self.nan_at_call = nan_at_call
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.float() / 255.0
+        mu, logvar = self.enc(2 * x - 1).chunk(2, dim=1)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        logits = self.dec(z)
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+        loss = (recon + kl).mean()
+        if self.training:
+            self.calls += 1
+            if self.calls == self.nan_at_call:
+                loss = loss * float("nan")
+        return {"loss": loss, "bpd": loss / (x[0].numel() * math.log(2)), "kl": kl.mean()}
+
+
+class LinearDenoiser(nn.Module):
+    """Deterministic model for checking the optimiser maths: loss = mean over images of the summed
+    squared error of a 3x3 conv reconstruction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.float() / 255.0
+        loss = (self.conv(x) - x).square().flatten(1).sum(1).mean()
+        return {"loss": loss, "bpd": loss / (x[0].numel() * math.log(2))}
+
+
+class CountingDataset(Dataset):
+    """TensorDataset-like: items (image uint8 (1, 8, 8), factors int64 (2,)); counts item reads."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = (torch.rand(n, 1, 8, 8, generator=generator) < 0.4).to(torch.uint8) * 255
+        self.factors = torch.randint(0, 4, (n, 2), generator=generator)
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += 1
+        return self.images[index], self.factors[index]
+
+
+class Recorder(Callback):
+    """Records every hook call."""
+
+    def __init__(self) -> None:
+        self.starts, self.steps, self.evals, self.checkpoints, self.ends = [], [], [], [], []
+
+    def on_train_start(self, info):
+        self.starts.append(info)
+
+    def on_step_end(self, step, metrics):
+        self.steps.append((step, dict(metrics)))
+
+    def on_eval(self, step, metrics):
+        self.evals.append((step, dict(metrics)))
+
+    def on_checkpoint(self, step, path):
+        self.checkpoints.append((step, Path(path)))
+
+    def on_train_end(self, summary):
+        self.ends.append(summary)
+
+
+class Kill(Callback):
+    """Simulates the process dying right after step ``at`` finished."""
+
+    class Killed(Exception):
+        pass
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, step, metrics):
+        if step == self.at:
+            raise Kill.Killed(step)
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(steps=10, batch_size=4, lr=1e-2, lr_decay=0.9, lr_decay_every=None, ema_decay=0.8,
+                grad_clip=5.0, checkpoint_every=5, log_every=1, seed=3, num_workers=0, device="cpu",
+                progress=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def fresh_model(init_seed: int = 0, **kwargs) -> TinyVAE:
+    torch.manual_seed(init_seed)
+    return TinyVAE(**kwargs)
+
+
+def assert_same_params(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("steps", 0), ("batch_size", 0), ("batch_size", 2.0), ("lr", 0.0), ("lr", float("nan")),
+     ("lr_decay", 0.0), ("lr_decay", 1.5), ("lr_decay_every", 0), ("ema_decay", 1.0), ("ema_decay", -0.1),
+     ("grad_clip", 0.0), ("checkpoint_every", 0), ("log_every", 0), ("eval_every", 0), ("seed", -1),
+     ("seed", True), ("num_workers", -1), ("amp", 1), ("channels_last", "yes"), ("deterministic", 0),
+     ("device", "tpu")],
+)
+def test_config_rejects_bad_fields_naming_them(field, value):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field}"):
+        config(**{field: value})
+
+
+def test_config_from_dict_round_trips_and_rejects_unknown_keys():
+    cfg = config()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig.from_dict({**cfg.to_dict(), "learning_rate": 1.0})
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_sampler_epoch_order_depends_only_on_seed_and_epoch():
+    def batches(seed, epoch):
+        return list(ShardedBatchSampler(20, 4, seed, epoch))
+
+    assert batches(5, 2) == batches(5, 2)
+    assert batches(5, 2) != batches(5, 3)
+    assert batches(5, 2) != batches(6, 2)
+    flat = [i for b in batches(5, 2) for i in b]
+    assert len(flat) == 20 and sorted(flat) == list(range(20))  # a permutation, 5 full batches
+    assert len(ShardedBatchSampler(22, 4, 5, 2)) == 5  # incomplete last batch dropped
+    assert derive_seed(1, 2) != derive_seed(2, 1)
+
+
+def test_sampler_rank_slices_tile_the_single_process_global_batch():
+    single = list(ShardedBatchSampler(24, 6, seed=9, epoch=1))
+    for world in (2, 3):
+        shards = [list(ShardedBatchSampler(24, 6, 9, 1, rank=r, world_size=world)) for r in range(world)]
+        for t, global_batch in enumerate(single):
+            assert [i for r in range(world) for i in shards[r][t]] == global_batch
+
+
+def test_sampler_start_batch_skips_exactly_the_consumed_batches():
+    full = list(ShardedBatchSampler(24, 4, seed=1, epoch=0, rank=1, world_size=2))
+    tail = ShardedBatchSampler(24, 4, seed=1, epoch=0, rank=1, world_size=2, start_batch=4)
+    assert len(tail) == 2 and list(tail) == full[4:]
+    single_tail = [i for b in ShardedBatchSampler(24, 4, seed=1, epoch=0, start_batch=4) for i in b]
+    assert single_tail == epoch_permutation(24, 1, 0)[16:24].tolist()
+
+
+def test_sampler_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        ShardedBatchSampler(20, 5, 0, 0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ShardedBatchSampler(3, 4, 0, 0)
+
+
+# ----------------------------------------------------------------------------- EMA, RNG, atomic save
+
+
+def test_ema_matches_naive_float64_recursion():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = ExponentialMovingAverage(model, decay=0.7)
+    reference = None
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        current = [p.detach().double().clone() for p in model.parameters()]
+        reference = current if reference is None else [0.7 * r + 0.3 * c for r, c in zip(reference, current)]
+    for averaged, expected in zip(ema.module.parameters(), reference):
+        torch.testing.assert_close(averaged.double(), expected, rtol=1e-6, atol=1e-7)
+    assert ema.num_updates == 5
+    with pytest.raises(ValueError, match="decay"):
+        ExponentialMovingAverage(model, decay=1.0)
+
+
+def test_rng_state_capture_restore_replays_all_generators():
+    state = capture_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
+    restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == first
+
+
+def test_atomic_save_keeps_old_file_when_write_fails(tmp_path):
+    path = tmp_path / "c.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        atomic_save({"a": lambda: None}, path)  # unpicklable: fails mid-write
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+# ----------------------------------------------------------------------------- optimiser maths
+
+
+def test_step_matches_hand_written_adamax_with_decay_clipping_and_ema():
+    """Adamax (Kingma & Ba, Alg. 2, eps inside the max as in torch), lr * gamma^floor((t-1)/every),
+    clipping of the global grad norm, EMA — all recomputed by hand from autograd gradients."""
+    data = CountingDataset(4, seed=1)  # one batch = the whole data set, so order does not matter
+    cfg = config(steps=5, batch_size=4, lr=0.05, lr_decay=0.5, lr_decay_every=2, grad_clip=0.3,
+                 ema_decay=0.6, log_every=1)
+    torch.manual_seed(0)
+    model = LinearDenoiser()
+    ref = copy.deepcopy(model).double()
+    recorder = Recorder()
+    result = train(model, data, cfg, None, callbacks=[recorder])
+
+    x = data.images.double()
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    params = list(ref.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    u = [torch.zeros_like(p) for p in params]
+    ema = None
+    for t in range(1, 6):
+        for p in params:
+            p.grad = None
+        loss = (ref.conv(x / 255.0) - x / 255.0).square().flatten(1).sum(1).mean()
+        loss.backward()
+        norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params))
+        scale = min(1.0, 0.3 / (norm + 1e-6))
+        lr = 0.05 * 0.5 ** ((t - 1) // 2)
+        step, logged = recorder.steps[t - 1]
+        assert step == t
+        assert logged["lr"] == pytest.approx(lr, rel=1e-12)
+        assert logged["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert logged["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                g = p.grad * scale
+                m[i] = b1 * m[i] + (1 - b1) * g
+                u[i] = torch.maximum(b2 * u[i], g.abs() + eps)
+                p -= lr / (1 - b1**t) * m[i] / u[i]
+        current = [p.detach().clone() for p in params]
+        ema = current if ema is None else [0.6 * e + 0.4 * c for e, c in zip(ema, current)]
+    assert scale < 1.0  # clipping was active
+    for got, want in zip(result.model.parameters(), params):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    for got, want in zip(result.ema_model.parameters(), ema):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+
+def test_two_runs_of_one_config_are_bit_identical(tmp_path):
+    cfg = config(steps=6, num_workers=1, log_every=3)  # one worker process exercises seed_worker
+    results = [train(fresh_model(), CountingDataset(24), cfg, tmp_path / f"run{i}") for i in range(2)]
+    assert results[0].metrics == results[1].metrics
+    assert set(results[0].metrics) == {"loss", "bpd", "kl", "grad_norm", "lr"}
+    assert_same_params(results[0].model, results[1].model)
+    assert_same_params(results[0].ema_model, results[1].ema_model)
+    # a different seed changes the run
+    other = train(fresh_model(), CountingDataset(24), config(steps=6, seed=4), tmp_path / "other")
+    assert other.metrics["loss"] != results[0].metrics["loss"]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    # 24 items / batch 4 = 6 steps per epoch: the checkpoint at step 5 is mid-epoch, the resumed run
+    # crosses the epoch boundary (and the per-epoch LR decay) at step 6.
+    cfg = config(steps=10, checkpoint_every=5, log_every=2)
+    full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full",
+                 callbacks=[CurveWriter(tmp_path / "full.csv")])
+
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut",
+              callbacks=[CurveWriter(tmp_path / "cut.csv"), Kill(at=8)])
+    assert read_checkpoint(tmp_path / "cut")["step"] == 5
+
+    torch.manual_seed(999)  # scramble the global RNG: the checkpoint must restore it
+    random.seed(999)
+    np.random.seed(999)
+    data = CountingDataset(24)
+    recorder = Recorder()
+    resumed = train(fresh_model(init_seed=1), data, cfg, tmp_path / "cut",
+                    callbacks=[CurveWriter(tmp_path / "cut.csv"), recorder])
+
+    assert resumed.start_step == 5 and resumed.steps == 10
+    assert recorder.starts[0]["start_step"] == 5
+    # lr_decay_every=None decays once per epoch (6 steps): steps 1-6 use lr, steps 7-12 use lr * 0.9
+    assert [(s, m["lr"]) for s, m in recorder.steps] == [(6, 1e-2), (8, 1e-2 * 0.9), (10, 1e-2 * 0.9)]
+    assert data.reads == 5 * 4  # consumed batches were skipped without reading them
+    assert_same_params(full.model, resumed.model)
+    assert_same_params(full.ema_model, resumed.ema_model)
+    assert full.metrics == resumed.metrics
+    # the curve was truncated to the checkpoint and continued: identical to the uninterrupted curve
+    assert (tmp_path / "cut.csv").read_text() == (tmp_path / "full.csv").read_text()
+    with (tmp_path / "full.csv").open() as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [2, 4, 6, 8, 10]
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+    cfg = config(steps=4, checkpoint_every=3)
+    first = train(fresh_model(), CountingDataset(24), cfg, tmp_path)
+    data, recorder = CountingDataset(24), Recorder()
+    again = train(fresh_model(init_seed=5), data, cfg, tmp_path, callbacks=[recorder])
+    assert data.reads == 0 and recorder.starts == [] and again.steps == 4
+    assert again.metrics == first.metrics
+    assert_same_params(again.model, first.model)
+    assert_same_params(again.ema_model, first.ema_model)
+
+
+def test_without_ema_evaluation_uses_the_raw_weights(tmp_path):
+    result = train(fresh_model(), CountingDataset(24), config(steps=3, ema_decay=None, grad_clip=None), tmp_path)
+    assert result.ema_model is None and result.eval_model is result.model
+    restored = TinyVAE()
+    assert not load_checkpoint(tmp_path, restored)["used_ema"]
+    assert_same_params(restored, result.model)
+
+
+def test_resume_refuses_a_checkpoint_of_a_different_run(tmp_path):
+    train(fresh_model(), CountingDataset(24), config(steps=2), tmp_path)
+    with pytest.raises(ValueError, match="lr"):
+        train(fresh_model(), CountingDataset(24), config(steps=4, lr=0.5), tmp_path)
+    with pytest.raises(ValueError, match="dataset size"):
+        train(fresh_model(), CountingDataset(28), config(steps=4), tmp_path)
+    # resume=False starts over and overwrites
+    result = train(fresh_model(), CountingDataset(24), config(steps=3, lr=0.5), tmp_path, resume=False)
+    assert result.start_step == 0 and read_checkpoint(tmp_path)["step"] == 3
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = config(steps=10, checkpoint_every=3)
+    with pytest.raises(NonFiniteLossError, match="step 7") as info:
+        train(fresh_model(nan_at_call=7), CountingDataset(24), cfg, tmp_path / "nan")
+    assert info.value.step == 7
+    # the checkpoint on disk is the step-6 state and equals a clean 6-step run
+    clean = train(fresh_model(), CountingDataset(24), config(steps=6, checkpoint_every=3), tmp_path / "clean")
+    restored = TinyVAE()
+    meta = load_checkpoint(tmp_path / "nan", restored, ema=False)
+    assert meta["step"] == 6 and not meta["finished"]
+    assert_same_params(restored, clean.model)
+    assert load_checkpoint(tmp_path / "nan", restored)["used_ema"]
+    assert_same_params(restored, clean.ema_model)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="fewer than TrainConfig.batch_size"):
+        train(fresh_model(), CountingDataset(3), config(), None)
+    floats = torch.utils.data.TensorDataset(torch.rand(8, 1, 8, 8), torch.zeros(8, 0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="uint8"):
+        train(fresh_model(), floats, config(), None)
+
+    class NoLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, images):
+            return {"bpd": self.w}
+
+    with pytest.raises(ValueError, match="'loss'"):
+        train(NoLoss(), CountingDataset(8), config(), None)
+    with pytest.raises(ValueError, match="Callback"):
+        CallbackList([object()])
+    with pytest.raises(ValueError, match="eval_fn"):
+        train(fresh_model(), CountingDataset(8), config(eval_every=2), None)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing", TinyVAE())
+
+
+# ----------------------------------------------------------------------------- callbacks and eval
+
+
+def test_callbacks_checkpoints_and_eval_on_the_ema_model(tmp_path):
+    cfg = config(steps=6, checkpoint_every=4, log_every=4, eval_every=3)
+    seen = []
+
+    def eval_fn(module):
+        seen.append((module.training, torch.is_grad_enabled(), [p.clone() for p in module.parameters()]))
+        return {"noise": torch.randn(()).item()}  # consumes RNG: must not perturb training
+
+    recorder = Recorder()
+    result = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "a", callbacks=[recorder], eval_fn=eval_fn)
+    plain = train(fresh_model(), CountingDataset(24), config(steps=6, checkpoint_every=4, log_every=4),
+                  tmp_path / "b")
+    assert_same_params(result.model, plain.model)  # evaluation left the training RNG alone
+    assert [s for s, _ in recorder.steps] == [4, 6]
+    assert [s for s, _ in recorder.checkpoints] == [4, 6]
+    assert all(p == tmp_path / "a" / "checkpoint.pt" for _, p in recorder.checkpoints)
+    assert [s for s, _ in recorder.evals] == [3, 6]
+    assert recorder.ends[0]["steps"] == 6 and result.eval_metrics == recorder.evals[-1][1]
+    training_flag, grad_flag, weights = seen[-1]
+    assert not training_flag and not grad_flag
+    for got, want in zip(weights, result.ema_model.parameters()):
+        assert torch.equal(got, want)  # the last evaluation saw the final EMA weights
+    # log-window means: the step-6 record averages steps 5 and 6 (log_every=4)
+    per_step = Recorder()
+    train(fresh_model(), CountingDataset(24), config(steps=6, checkpoint_every=4, log_every=1), None,
+          callbacks=[per_step])
+    losses = {s: m["loss"] for s, m in per_step.steps}
+    assert recorder.steps[1][1]["loss"] == pytest.approx((losses[5] + losses[6]) / 2, rel=1e-12)
+    assert recorder.steps[1][1]["lr"] == per_step.steps[-1][1]["lr"]
+    # evaluation is itself seeded by (seed, step)
+    again = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "c", eval_fn=eval_fn)
+    assert again.eval_metrics == result.eval_metrics
+
+
+def test_curve_writer_formats(tmp_path):
+    for name in ("c.csv", "c.jsonl"):
+        writer = CurveWriter(tmp_path / name)
+        writer.on_train_start({"start_step": 0})
+        writer.on_step_end(1, {"loss": 2.5, "bpd": 1.0, "lr": 0.1, "grad_norm": 3.0, "kl": 0.5})
+    with (tmp_path / "c.csv").open() as handle:
+        assert list(csv.DictReader(handle)) == [
+            {"step": "1", "loss": "2.5", "bpd": "1.0", "lr": "0.1", "grad_norm": "3.0"}]
+    assert '"kl": 0.5' in (tmp_path / "c.jsonl").read_text()
+    with pytest.raises(ValueError, match=".csv"):
+        CurveWriter(tmp_path / "c.txt")
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process_run(tmp_path):
+    worker = REPO / "tests" / "ddp_worker.py"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(worker), "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=180, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"result_rank{r}_of2.pt") for r in range(2)]
+
+    spec = importlib.util.spec_from_file_location("ddp_worker", worker)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    single = module.run(tmp_path)
+
+    for key in single["params"]:
+        assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
+        assert torch.equal(ranks[0]["ema"][key], ranks[1]["ema"][key]), key
+        torch.testing.assert_close(ranks[0]["params"][key], single["params"][key], rtol=0, atol=1e-5)
+        torch.testing.assert_close(ranks[0]["ema"][key], single["ema"][key], rtol=0, atol=1e-5)
+    torch.manual_seed(0)
+    initial = module.DeterministicNet().state_dict()
+    assert all(not torch.equal(initial[k], single["params"][k]) for k in initial)  # training moved them
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # reduced across ranks
+    for name, value in single["metrics"].items():
+        assert ranks[0]["metrics"][name] == pytest.approx(value, rel=1e-5)
+    assert ranks[0]["steps"] == 6
+    # only rank 0 wrote logs and the checkpoint; the checkpoint holds both ranks' RNG states
+    assert (tmp_path / "curve_rank0_of2.csv").is_file() and not (tmp_path / "curve_rank1_of2.csv").exists()
+    state = read_checkpoint(tmp_path / "ckpt_2")
+    assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng"]) == 2
