@@ -1,0 +1,200 @@
+"""The density model of the SDN paper: an IAF-VAE-style bidirectional ladder VAE (section 2 of the
+reference notes) whose top-down blocks come from a pluggable block factory (``sdn/models/blocks.py``).
+
+Contract (docs/architecture.md): ``forward(uint8 images) -> {"loss", "bpd", "kl", "recon"}``,
+``sample(num, temperature, generator) -> uint8``, ``log_weights(images, K) -> float64 (K, B)``.
+Departures from the official code, on purpose: free bits are ``max(batch-mean KL, free_bits)`` per
+layer (the official code divides the correction by the batch size); the DML is normalised exactly
+(see ``sdn/likelihoods.py``); the IAF mask is applied functionally (the official code edits the weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from sdn.configs import HVAEConfig
+from sdn.likelihoods import DiscretizedMixtureLogistics, gaussian_log_prob, nats_to_bpd, preprocess, unit_interval_to_uint8
+from sdn.models.blocks import BlockFactory, conv_geometry
+from sdn.models.iaf import IAFStep, context_channels
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``; drawn from ``generator`` (on its device) when given."""
+    if generator is None:
+        return torch.randn_like(like)
+    return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
+def _gated_residual(skip: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """(1 - sigma(g - 1)) * skip + sigma(g - 1) * h for (h, g) = update split in two."""
+    h, g = update.chunk(2, dim=1)
+    return torch.lerp(skip, h, torch.sigmoid(g - 1.0))
+
+
+class LadderLayer(nn.Module):
+    """One rung: a convolutional bottom-up step and a stochastic top-down step with an IAF posterior."""
+
+    def __init__(
+        self, h_size: int, z_size: int, context: int, downsample: bool, down_a: nn.Module, down_b: nn.Module, top: bool = False
+    ) -> None:
+        super().__init__()
+        self.h_size, self.z_size, self.context = h_size, z_size, context
+        self.q_size = 2 * z_size + context  # posterior mean, log-variance, IAF context
+        self.downsample = downsample
+        self.top = top
+        k, s, p = conv_geometry(downsample)  # same 4/2/1 geometry, as a strided conv
+        # The top layer's bottom-up features are never used (the top-down pass starts from the
+        # learned h-vector), so it only computes posterior parameters; the official code kept the
+        # dead weights, which would leave parameters without gradients under DDP.
+        self.up_a = nn.Conv2d(h_size, (0 if top else h_size) + self.q_size, k, s, p)
+        self.up_b = None if top else nn.Conv2d(h_size, 2 * h_size, 3, 1, 1)
+        self.down_a = down_a  # h -> h + q_size + 2 z
+        self.down_b = down_b  # z + h -> 2 h (upsampling when the layer resamples)
+        self.iaf = IAFStep(z_size, context)
+
+    def up(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Bottom-up step: returns (next features or None for the top layer, posterior parameters)."""
+        if self.top:
+            return None, self.up_a(F.elu(x))
+        h, q_up = self.up_a(F.elu(x)).split([self.h_size, self.q_size], dim=1)
+        skip = F.interpolate(x, scale_factor=0.5, mode="nearest") if self.downsample else x
+        return _gated_residual(skip, self.up_b(F.elu(h))), q_up
+
+    def down(
+        self,
+        x: torch.Tensor,
+        q_up: torch.Tensor | None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Top-down step. With ``q_up`` z comes from the posterior and the per-image one-sample KL
+        log q(z|x) - log p(z) (B,) is returned; without, z comes from the prior at ``temperature``."""
+        out = self.down_a(F.elu(x))
+        h_det, q_down, p_params = out.split([self.h_size, self.q_size, 2 * self.z_size], dim=1)
+        p_mean, p_logvar = p_params.chunk(2, dim=1)
+        if q_up is None:
+            z = p_mean + torch.exp(0.5 * p_logvar) * temperature * _randn(p_mean, generator)
+            kl = None
+        else:
+            q_mean, q_logvar, context = (q_up + q_down).split([self.z_size, self.z_size, self.context], dim=1)
+            z0 = q_mean + torch.exp(0.5 * q_logvar) * _randn(q_mean, generator)
+            z, log_scale = self.iaf(z0, context)
+            log_q = gaussian_log_prob(z0, q_mean, q_logvar) + log_scale
+            log_p = gaussian_log_prob(z, p_mean, p_logvar)
+            kl = (log_q - log_p).flatten(1).sum(dim=1)
+        skip = F.interpolate(x, scale_factor=2.0, mode="nearest") if self.downsample else x
+        return _gated_residual(skip, self.down_b(F.elu(torch.cat([z, h_det], dim=1)))), kl
+
+
+class HierarchicalVAE(nn.Module):
+    """Bidirectional ladder VAE over uint8 images with a discretized-mixture-of-logistics likelihood."""
+
+    def __init__(self, config: HVAEConfig, block_factory: BlockFactory) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.likelihood = DiscretizedMixtureLogistics(c.mixtures, c.channels, c.bits)
+        context = context_channels(c.z_size, c.iaf_context)
+        q_size = 2 * c.z_size + context
+        self.first = nn.Conv2d(c.channels, c.h_size, 3, 1, 1)
+        layers, scale = [], c.image_size
+        for i in range(c.depth):
+            downsample = i in c.ds_list and scale > 1
+            down_a = block_factory("down_a", c.h_size, c.h_size + q_size + 2 * c.z_size, scale, False)
+            down_b = block_factory("down_b", c.h_size + c.z_size, 2 * c.h_size, scale, downsample)
+            layers.append(LadderLayer(c.h_size, c.z_size, context, downsample, down_a, down_b, top=i == c.depth - 1))
+            scale = scale // 2 if downsample else scale
+        self.layers = nn.ModuleList(layers)
+        self.top_size = scale
+        self.h_top = nn.Parameter(torch.zeros(c.h_size))
+        self.output = block_factory("output", c.h_size, self.likelihood.num_params, c.image_size, False)
+        _init_and_weight_norm(self)
+
+    def _top_input(self, batch: int) -> torch.Tensor:
+        """The learned h-vector broadcast over the top map: (batch, h, top, top)."""
+        return self.h_top.view(1, -1, 1, 1).expand(batch, -1, self.top_size, self.top_size)
+
+    # ----------------------------------------------------------------- inference
+    def _check_images(self, images: torch.Tensor) -> None:
+        c = self.config
+        expected = (c.channels, c.image_size, c.image_size)
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"expected uint8 images of shape (B, {', '.join(map(str, expected))}), got "
+                f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}"
+            )
+
+    def _elbo_terms(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(log p(x|z) per image (B,), list of per-layer KL samples (B,), top layer first)."""
+        self._check_images(images)
+        x = preprocess(images, self.config.bits, self.h_top.dtype).to(self.h_top.device)
+        h = self.first(x)
+        q_ups = []
+        for layer in self.layers:
+            h, q_up = layer.up(h)
+            q_ups.append(q_up)
+        h = self._top_input(x.shape[0])
+        kls = []
+        for layer, q_up in zip(reversed(self.layers), reversed(q_ups)):
+            h, kl = layer.down(h, q_up, generator=generator)
+            kls.append(kl)
+        params = self.output(F.elu(h))
+        with torch.autocast(device_type=params.device.type, enabled=False):  # likelihood in float32 under AMP
+            log_px = self.likelihood.log_prob(params.float(), x.float())
+        return log_px, [kl.float() for kl in kls]
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch-mean training objective (nats/image, free bits per layer) and ELBO diagnostics."""
+        log_px, kls = self._elbo_terms(images)
+        kl = torch.stack(kls).sum(dim=0)
+        recon = -log_px.mean()
+        kl_objective = sum(torch.clamp(k.mean(), min=self.config.free_bits) for k in kls)
+        return {
+            "loss": recon + kl_objective,
+            "bpd": nats_to_bpd((recon + kl.mean()).detach(), self.config.num_dims),
+            "kl": kl.mean().detach(),
+            "recon": recon.detach(),
+        }
+
+    @torch.no_grad()
+    def log_weights(self, images: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """log p(x|z_k) + log p(z_k) - log q(z_k|x) for k < num_samples, float64 (num_samples, B).
+
+        The batch is repeated ``num_samples`` times in one forward pass; chunking is the caller's job.
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        self._check_images(images)
+        batch = images.shape[0]
+        log_px, kls = self._elbo_terms(images.repeat(num_samples, 1, 1, 1), generator)
+        log_w = log_px - torch.stack(kls).sum(dim=0)
+        return log_w.double().view(num_samples, batch)
+
+    @torch.no_grad()
+    def sample(self, num: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ancestral samples from the prior at ``temperature``; pixels are the argmax component's
+        means (the official "most probable output"). Returns uint8 (num, C, H, W)."""
+        if not isinstance(num, int) or num < 1:
+            raise ValueError(f"num must be a positive int, got {num!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        h = self._top_input(num)
+        for layer in reversed(self.layers):
+            h, _ = layer.down(h, None, temperature, generator)
+        return unit_interval_to_uint8(self.likelihood.mode(self.output(F.elu(h))), self.config.bits)
+
+
+def _init_and_weight_norm(model: nn.Module) -> None:
+    """Orthogonal init of every conv weight (official), then weight norm on every conv.
+
+    Uses ``torch.nn.utils.parametrizations.weight_norm`` (deepcopy/state_dict safe, so EMA copies
+    work); conv-transposes are normalised over their output dim (dim=1). Meta tensors skip the init.
+    """
+    for module in list(model.modules()):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            if not module.weight.is_meta:
+                nn.init.orthogonal_(module.weight)
+            weight_norm(module, "weight", dim=1 if isinstance(module, nn.ConvTranspose2d) else 0)
