@@ -1,0 +1,65 @@
+"""DVC stage: Inception reference statistics (mu, sigma) of one dataset split, written to one ``.npz``.
+
+Without Inception weights (offline, no ``--weights-path``) it writes a file that records why, so the
+later FID stage reports n/a instead of failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sdn.metrics.fid import (
+    FEATURE_LAYER,
+    IMPLEMENTATION,
+    VERSION,
+    InceptionWeightsUnavailable,
+    load_inception,
+)
+from sdn.metrics.fid_stats import (
+    ReferenceStatistics,
+    compute_reference_statistics,
+    save_reference_statistics,
+    save_unavailable_reference,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", required=True, help="dataset name for sdn.data.get_dataset")
+    parser.add_argument("--split", default="train", help="dataset split (FID convention: train)")
+    parser.add_argument("--root", default="data", help="data root for sdn.data.get_dataset")
+    parser.add_argument("--out", required=True, type=Path, help="output .npz")
+    parser.add_argument("--weights-path", default="", help="local Inception weights (fid.weights_path); empty = none")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--max-images", type=int, default=0, help="0 = the whole split")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compute and save the statistics (or the 'unavailable' marker); returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        extractor = load_inception(args.weights_path or None, args.device)
+    except InceptionWeightsUnavailable as err:
+        logging.warning("FID reference statistics not computed: %s", err)
+        save_unavailable_reference(args.out, args.dataset, args.split, str(err))
+        return 0
+    from sdn.data import get_dataset  # only needed when statistics are actually computed
+
+    dataset = get_dataset(args.dataset, args.split, args.root)
+    max_images = args.max_images or None
+    mu, sigma = compute_reference_statistics(dataset, extractor, args.batch_size, args.device, max_images)
+    num_images = len(dataset) if max_images is None else min(len(dataset), max_images)
+    stats = ReferenceStatistics(mu, sigma, args.dataset, args.split, num_images, IMPLEMENTATION, VERSION, FEATURE_LAYER)
+    save_reference_statistics(args.out, stats)
+    logging.info("wrote %s (%s)", args.out, stats.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
