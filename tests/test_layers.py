@@ -261,3 +261,17 @@ def test_all_direction_pairs_on_one_line_maps():
         sweep = DirectionalSweep(3, direction)
         x = torch.randn(2, 3, *shape)
         assert_same_outputs_and_grads(sweep, lambda t: naive_sweep(t, sweep.cell, direction), x)
+
+
+def test_reads_no_uninitialised_memory():
+    """In deterministic mode torch fills new buffers with NaN: any read of one would show."""
+    torch.manual_seed(12)
+    layer = SDNLayer(3, 4, 5, DIRECTIONS)
+    x = torch.randn(2, 3, 6, 7)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        assert_same_outputs_and_grads(layer, lambda t: naive_sdn(layer, t), x)
+    finally:
+        torch.use_deterministic_algorithms(previous)

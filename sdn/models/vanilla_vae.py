@@ -1,0 +1,237 @@
+"""The vanilla (beta-)VAE of the SDN paper's disentanglement study, with a CNN or an SDN decoder.
+
+Encoder: four Conv(k4 s2 p1)+ReLU (C->32->32->64->64) -> Linear(1024 -> 2z), diagonal Gaussian
+posterior, N(0, I) prior. Decoder: Linear(z->256)+ReLU -> Linear(256->1024)+ReLU -> 64x4x4 -> four
+ConvTranspose(k4 s2 p1) blocks to 8, 16, 32, 64 (64->64->32->32->params). The ``sdn`` decoder
+swaps the blocks at ``sdn_scales`` (default: the 32x32 one) for an upsampling ``SDNLayer``.
+
+Differences from the official code, on purpose: the KL is the closed form (not a one-sample Monte
+Carlo estimate), and the discretized logistic gives the edge bins the CDF tails (see
+``vae_likelihoods``), so the likelihood is normalised over the 256 pixel values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sdn.models.vae_likelihoods import build_likelihood
+
+IMAGE_SIZE = 64
+_DIRECTIONS = ("left_right", "right_left", "top_down", "bottom_up")
+# (in_channels, out_channels, output scale) of the four decoder up-blocks; None = likelihood params.
+_DECODER_BLOCKS = ((64, 64, 8), (64, 32, 16), (32, 32, 32), (32, None, 64))
+_TOP_CHANNELS, _TOP_SIZE = 64, 4
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture, objective and (for the trainer / pipelines) optimisation settings of the VAE."""
+
+    channels: int = 3
+    z_dim: int = 10
+    likelihood: str = "logistic"  # "logistic" (RGB, 256 bins) | "bernoulli" (binary 0/255 data)
+    beta: float = 1.0
+    beta_anneal_steps: int = 0  # 0: constant beta; N > 0: beta * min(1, step / N)
+    sdn_scales: tuple[int, ...] = (32,)  # decoder block output scales replaced by SDN (sdn decoder only)
+    sdn_directions: tuple[str, ...] = ("left_right",)
+    sdn_features: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.channels, int) and self.channels >= 1):
+            raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+        if not (isinstance(self.z_dim, int) and self.z_dim >= 1):
+            raise ValueError(f"z_dim must be a positive int, got {self.z_dim!r}")
+        if self.likelihood not in ("logistic", "bernoulli"):
+            raise ValueError(f"likelihood must be 'logistic' or 'bernoulli', got {self.likelihood!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
+        if not (isinstance(self.beta_anneal_steps, int) and self.beta_anneal_steps >= 0):
+            raise ValueError(f"beta_anneal_steps must be a non-negative int, got {self.beta_anneal_steps!r}")
+        valid_scales = {b[2] for b in _DECODER_BLOCKS}
+        if not set(self.sdn_scales) <= valid_scales:
+            raise ValueError(f"sdn_scales must be a subset of {sorted(valid_scales)}, got {self.sdn_scales!r}")
+        if not self.sdn_directions or not set(self.sdn_directions) <= set(_DIRECTIONS):
+            raise ValueError(
+                f"sdn_directions must be a non-empty sequence of {_DIRECTIONS}, got {self.sdn_directions!r}"
+            )
+        if not (isinstance(self.sdn_features, int) and self.sdn_features >= 1):
+            raise ValueError(f"sdn_features must be a positive int, got {self.sdn_features!r}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+
+
+VAE_CONFIGS: dict[str, VAEConfig] = {
+    # Paper setting (3DShapes, 64x64 RGB): z=10, batch 128, Adamax lr 1e-3, beta=1, seed 1234.
+    "shapes3d": VAEConfig(),
+    # CPU-sized setting for the embedded procedural dSprites (1 channel, binary): a narrower SDN.
+    "embedded": VAEConfig(channels=1, likelihood="bernoulli", sdn_features=32, batch_size=64),
+}
+
+
+def get_vae_config(name: str, **overrides) -> VAEConfig:
+    """The named config (``"shapes3d"`` or ``"embedded"``), with optional field overrides."""
+    if name not in VAE_CONFIGS:
+        raise ValueError(f"unknown VAE config {name!r}; expected one of {sorted(VAE_CONFIGS)}")
+    return replace(VAE_CONFIGS[name], **overrides)
+
+
+def _encoder(channels: int, z_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    widths = (channels, 32, 32, 64, 64)
+    for cin, cout in zip(widths[:-1], widths[1:]):
+        layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.ReLU()]
+    layers += [nn.Flatten(), nn.Linear(_TOP_CHANNELS * _TOP_SIZE * _TOP_SIZE, 2 * z_dim)]
+    return nn.Sequential(*layers)
+
+
+def _decoder(config: VAEConfig, use_sdn: bool, out_channels: int) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Linear(config.z_dim, 256),
+        nn.ReLU(),
+        nn.Linear(256, _TOP_CHANNELS * _TOP_SIZE * _TOP_SIZE),
+        nn.ReLU(),
+        nn.Unflatten(1, (_TOP_CHANNELS, _TOP_SIZE, _TOP_SIZE)),
+    ]
+    for cin, cout, scale in _DECODER_BLOCKS:
+        last = cout is None
+        cout = out_channels if last else cout
+        if use_sdn and scale in config.sdn_scales:
+            from sdn.layers import SDNLayer  # only the sdn decoder needs the layer
+
+            layers.append(
+                SDNLayer(cin, cout, config.sdn_features, list(config.sdn_directions),
+                         kernel_size=4, stride=2, padding=1, upsample=True)
+            )
+        else:
+            layers.append(nn.ConvTranspose2d(cin, cout, 4, 2, 1))
+        if not last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class VanillaVAE(nn.Module):
+    """A beta-VAE on 64x64 uint8 images; ``forward`` returns the loss dict of docs/architecture.md."""
+
+    def __init__(self, config: VAEConfig, decoder: str = "cnn") -> None:
+        super().__init__()
+        if decoder not in ("cnn", "sdn"):
+            raise ValueError(f"decoder must be 'cnn' or 'sdn', got {decoder!r}")
+        self.config = config
+        self.decoder_kind = decoder
+        self.likelihood = build_likelihood(config.likelihood)
+        self.encoder = _encoder(config.channels, config.z_dim)
+        self.decoder = _decoder(config, decoder == "sdn", config.channels * self.likelihood.params_per_channel)
+        # Training steps taken; drives beta annealing and is saved in the state_dict for exact resume.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._dims = config.channels * IMAGE_SIZE * IMAGE_SIZE
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        expected = (self.config.channels, IMAGE_SIZE, IMAGE_SIZE)
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+            raise ValueError(f"expected a torch.uint8 image batch, got {getattr(images, 'dtype', type(images))}")
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
+            shape = ", ".join(map(str, expected))
+            raise ValueError(f"expected images of shape (B>0, {shape}), got {tuple(images.shape)}")
+
+    def current_beta(self) -> float:
+        """beta, linearly annealed from 0 over ``beta_anneal_steps`` training steps when that is > 0."""
+        n = self.config.beta_anneal_steps
+        if n == 0:
+            return float(self.config.beta)
+        return float(self.config.beta) * min(1.0, int(self.step) / n)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, each (B, z_dim), of uint8 images (B, C, 64, 64)."""
+        self._check_images(images)
+        x = images.to(self.step.device, torch.float32) / 255.0 - 0.5
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters (B, C, 64, 64) for latents (B, z_dim)."""
+        return self.decoder(z)
+
+    @staticmethod
+    def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Closed-form KL(N(mean, exp(logvar)) || N(0, I)) per row, summed over latent dims."""
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+    # -- contract ------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch-mean loss (recon NLL + beta*KL, nats/image) plus recon, kl, elbo, bpd and beta."""
+        if self.training:
+            self.step += 1
+        mean, logvar = self.encode(images)
+        # The objective is computed in float32 even under bf16 autocast (sums over 12k pixels).
+        mean, logvar = mean.float(), logvar.float()
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        recon = -self.likelihood.log_prob(self.decode(z).float(), images.to(mean.device))
+        kl = self.kl_to_standard_normal(mean, logvar)
+        beta = self.current_beta()
+        elbo = -(recon + kl)
+        # Only "loss" carries the graph; the rest are detached values for logging.
+        return {
+            "loss": (recon + beta * kl).mean(),
+            "recon": recon.detach().mean(),
+            "kl": kl.detach().mean(),
+            "elbo": elbo.detach().mean(),
+            "bpd": -elbo.detach().mean() / (self._dims * math.log(2.0)),
+            "beta": torch.tensor(beta, device=mean.device),
+        }
+
+    @torch.no_grad()
+    def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """The representation used by the disentanglement metrics: the posterior mean (B, z_dim)."""
+        return self.encode(images)[0].float()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num: int,
+        temperature: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        pixel_noise: bool = False,
+    ) -> torch.Tensor:
+        """``num`` images, uint8 (num, C, 64, 64), decoded from z ~ N(0, temperature^2 I).
+
+        By default each image is the most probable image under p(x|z) (as the official code shows
+        samples); ``pixel_noise=True`` also samples the pixels from p(x|z).
+        """
+        if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+            raise ValueError(f"num must be a positive int, got {num!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        device = self.step.device
+        gen_device = generator.device if generator is not None else device
+        z = torch.randn((num, self.config.z_dim), generator=generator, device=gen_device).to(device)
+        params = self.decode(z * temperature)
+        if not pixel_noise:
+            return self.likelihood.mode(params)
+        return self.likelihood.sample(params.to(gen_device), generator=generator).to(device)
+
+
+def build_vanilla_vae(config: VAEConfig, decoder: str = "cnn") -> VanillaVAE:
+    """A :class:`VanillaVAE` whose initial weights depend only on ``config.seed`` (global RNG untouched)."""
+    if not isinstance(config, VAEConfig):
+        raise ValueError(f"config must be a VAEConfig, got {type(config).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return VanillaVAE(config, decoder)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
