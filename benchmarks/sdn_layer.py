@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from sdn.layers import DirectionalSweep, _run_sweeps
 
@@ -23,29 +22,33 @@ DIRS = {2: ["left_right", "top_down"], 4: ["left_right", "right_left", "top_down
 
 
 def inplace_loop(x: torch.Tensor, sweeps) -> torch.Tensor:
-    """The official code's approach: write every updated line into the map in place."""
-    x = x.clone()
-    _, feat, height, width = x.shape
+    """The official code's approach: a channels-last map, every updated line written in place.
+
+    Like djordjemila/sdn, each step pads the previous line with zeros, concatenates, reshapes,
+    clones the hidden line and assigns the GRU output back into the map (but with the correct
+    line count on non-square maps).
+    """
+    x = x.contiguous(memory_format=torch.channels_last).clone()
+    batch, feat, height, width = x.shape
     for sweep in sweeps:
         rows = sweep.direction in ("top_down", "bottom_up")
         size = height if rows else width
         reverse = sweep.direction in ("right_left", "bottom_up")
-        order = range(size - 2, -1, -1) if reverse else range(1, size)
-        for d in order:
+        zero_pad = torch.zeros(batch, feat, 1, dtype=x.dtype, device=x.device)
+        for d in (range(size - 2, -1, -1) if reverse else range(1, size)):
             p = d + 1 if reverse else d - 1
-            prev = x[:, :, p, :] if rows else x[:, :, :, p]            # (B, F, L)
+            prev = x[:, :, p, :] if rows else x[:, :, :, p]
             hid = x[:, :, d, :] if rows else x[:, :, :, d]
-            length = prev.shape[-1]
-            pad = F.pad(prev, (1, 1))
-            inp = torch.cat([pad[..., 0:length], pad[..., 1:length + 1], pad[..., 2:]], 1)
-            inp = inp.permute(0, 2, 1).reshape(-1, 3 * feat)
-            new = sweep.cell(inp, hid.permute(0, 2, 1).reshape(-1, feat))
-            new = new.view(-1, length, feat).permute(0, 2, 1)
+            nb = torch.cat([zero_pad, prev, zero_pad], dim=2).transpose(1, 2)
+            inp = torch.cat([nb[:, :-2].reshape(-1, feat), nb[:, 1:-1].reshape(-1, feat),
+                             nb[:, 2:].reshape(-1, feat)], dim=1)
+            new = sweep.cell(inp, hid.transpose(1, 2).reshape(-1, feat).clone())
+            new = new.reshape(batch, -1, feat).transpose(1, 2)
             if rows:
                 x[:, :, d, :] = new
             else:
                 x[:, :, :, d] = new
-    return x
+    return x.contiguous()
 
 
 def library(x: torch.Tensor, sweeps) -> torch.Tensor:

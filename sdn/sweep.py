@@ -112,29 +112,27 @@ class _SweepFunction(torch.autograd.Function):
         x_rows = x.view(num_lines, rows, feat)
         blocks = _neighbour_blocks(weight_ih, feat)  # (3F, F) each
 
-        # Everything that does not depend on the incoming gradient, for all lines at once:
-        # dL/d(pre-activation) = g * coefficient, per gate.
-        r, z, n = rz[done, :, :feat], rz[done, :, feat:], cand[done]
-        coef_n = (1 - z) * (1 - n * n)
-        coef_z = (x_rows[done] - n) * z * (1 - z)
-        coef_r = gh_n[done] * r * (1 - r)
-
         # Gradient w.r.t. every output line; the input path adds into the previous line.
         grad_lines = grad_out.contiguous().view(num_lines, rows, feat).clone()
         grad_pre = torch.empty(num_lines, rows, 3 * feat, dtype=x.dtype, device=x.device)
-        offset = done.start
         for d, p in reversed(_line_order(num_lines, ctx.reverse)):
-            g = grad_lines[d]
+            # Gate algebra of h' = (1 - z)·n + z·h, per line while it is in cache.
+            g, r, z, n = grad_lines[d], rz[d, :, :feat], rz[d, :, feat:], cand[d]
             pre = grad_pre[d]
-            dn = torch.mul(g, coef_n[d - offset], out=pre[:, 2 * feat :])
-            torch.mul(g, coef_z[d - offset], out=pre[:, feat : 2 * feat])
-            torch.mul(dn, coef_r[d - offset], out=pre[:, :feat])
+            one_minus_z = 1 - z
+            dn = g * one_minus_z
+            dn_pre = torch.addcmul(dn, dn * n, n, value=-1, out=pre[:, 2 * feat :])  # ·(1 − n²)
+            dz = (x_rows[d] - n).mul_(g).mul_(z)
+            torch.mul(dz, one_minus_z, out=pre[:, feat : 2 * feat])  # ·z(1 − z)
+            dr = torch.addcmul(r, r, r, value=-1).mul_(gh_n[d])  # r(1 − r)·(W_hn h + b_hn)
+            torch.mul(dr, dn_pre, out=pre[:, :feat])
             # previous line position j received n(j) through W1, and was n(i∓1) of i = j±1
             gp = grad_lines[p]
             gp.addmm_(pre, blocks[1])
             gp[: rows - batch].addmm_(pre[batch:], blocks[0])
             gp[batch:].addmm_(pre[: rows - batch], blocks[2])
 
+        r, z = rz[done, :, :feat], rz[done, :, feat:]
         grad_x = torch.empty_like(x_rows)
         grad_x[first] = grad_lines[first]
         torch.mul(grad_lines[done], z, out=grad_x[done])  # direct path h' = ... + z·h
@@ -147,14 +145,27 @@ class _SweepFunction(torch.autograd.Function):
         grad_weight_hh = grad_hidden.t().mm(x_rows[done].reshape(-1, feat))
         grad_bias_hh = grad_hidden.sum(0)
 
-        # Input weights: one product per neighbour offset over all updated lines.
-        g_pre = grad_pre[done].view(-1, length, batch, 3 * feat)
-        prev = out[prev_of_done].view(-1, length, batch, feat)
-        pairs = [(g_pre[:, 1:], prev[:, :-1]), (g_pre, prev), (g_pre[:, :-1], prev[:, 1:])]
-        grad_weight_ih = torch.cat(
-            [gp.reshape(-1, 3 * feat).t().mm(pv.reshape(-1, feat)) for gp, pv in pairs], dim=1
-        )
-        grad_bias_ih = g_pre.reshape(-1, 3 * feat).sum(0)
+        # Input weights, one product per neighbour offset over all updated lines. Shifting the
+        # flattened (line, position, batch) rows by ±B pairs every position with its neighbour,
+        # plus one wrong pair per line boundary, which is subtracted again.
+        g_flat = grad_pre[done].view(-1, 3 * feat)
+        p_flat = out[prev_of_done].view(-1, feat)
+        grad_blocks = [None, g_flat.t().mm(p_flat), None]
+        if length > 1:
+            g4 = grad_pre[done].view(-1, length, batch, 3 * feat)
+            p4 = out[prev_of_done].view(-1, length, batch, feat)
+            shifted = {0: (g_flat[batch:], p_flat[:-batch], g4[1:, 0], p4[:-1, -1]),
+                       2: (g_flat[:-batch], p_flat[batch:], g4[:-1, -1], p4[1:, 0])}
+            for k, (gs, ps, g_wrong, p_wrong) in shifted.items():
+                grad_blocks[k] = gs.t().mm(ps)
+                if g_wrong.numel():
+                    grad_blocks[k].sub_(
+                        g_wrong.reshape(-1, 3 * feat).t().mm(p_wrong.reshape(-1, feat))
+                    )
+        else:  # one position per line: no neighbours at offsets ±1
+            grad_blocks[0] = grad_blocks[2] = torch.zeros_like(grad_blocks[1])
+        grad_weight_ih = torch.cat(grad_blocks, dim=1)
+        grad_bias_ih = g_flat.sum(0)
         return (
             grad_x.view(num_lines, length, batch, feat),
             grad_weight_ih,
