@@ -137,14 +137,6 @@ class _SweepFunction(torch.autograd.Function):
         grad_x[first] = grad_lines[first]
         torch.mul(grad_lines[done], z, out=grad_x[done])  # direct path h' = ... + z·h
 
-        # Hidden path, all lines at once: d(W_hh·h + b_hh) = [dr, dz, dn·r].
-        grad_hidden = grad_pre[done].clone()
-        grad_hidden[:, :, 2 * feat :] *= r
-        grad_hidden = grad_hidden.view(-1, 3 * feat)
-        grad_x[done].view(-1, feat).addmm_(grad_hidden, weight_hh)
-        grad_weight_hh = grad_hidden.t().mm(x_rows[done].reshape(-1, feat))
-        grad_bias_hh = grad_hidden.sum(0)
-
         # Input weights, one product per neighbour offset over all updated lines. Shifting the
         # flattened (line, position, batch) rows by ±B pairs every position with its neighbour,
         # plus one wrong pair per line boundary, which is subtracted again.
@@ -166,6 +158,16 @@ class _SweepFunction(torch.autograd.Function):
             grad_blocks[0] = grad_blocks[2] = torch.zeros_like(grad_blocks[1])
         grad_weight_ih = torch.cat(grad_blocks, dim=1)
         grad_bias_ih = g_flat.sum(0)
+
+        # Hidden path, all lines at once: d(W_hh·h + b_hh) = [dr, dz, dn·r] (in place: the
+        # input-weight gradients above were the last readers of dn).
+        grad_hidden = grad_pre[done]
+        grad_hidden[:, :, 2 * feat :] *= r
+        grad_hidden = grad_hidden.view(-1, 3 * feat)
+        grad_x[done].view(-1, feat).addmm_(grad_hidden, weight_hh)
+        grad_weight_hh = grad_hidden.t().mm(x_rows[done].reshape(-1, feat))
+        grad_bias_hh = grad_hidden.sum(0)
+
         return (
             grad_x.view(num_lines, length, batch, feat),
             grad_weight_ih,
