@@ -8,6 +8,8 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+# Stage commands call `python`: DVC must see the venv first on PATH.
+DVC_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
 .PHONY: setup repro repro-paper test test-fast ui bench clean
 
@@ -21,14 +23,25 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 repro: setup
-	$(VENV)/bin/dvc repro
+	$(DVC_ENV) $(VENV)/bin/dvc repro
+
+# The paper study: the same dvc.yaml with params-paper.yaml as params.yaml
+# (`git checkout params.yaml` returns to the embedded study).
+repro-paper: setup
+	cp params-paper.yaml params.yaml
+	$(DVC_ENV) $(VENV)/bin/dvc repro
+
+# MLflow UI on the study's store, on the loopback interface only.
+ui: setup
+	$(VENV)/bin/mlflow server --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
+		--host 127.0.0.1 --port 5000 --workers 1
 
 test: setup
-	@$(PY) -m pytest; rc=$$?; \
+	@$(DVC_ENV) $(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(DVC_ENV) $(PY) -m pytest -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/sdn_layer.py

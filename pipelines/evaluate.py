@@ -1,0 +1,89 @@
+"""DVC stage ``evaluate_<family>@<dataset>-<model>-<seed>``: test metrics of one trained run.
+
+density: ELBO and importance-weighted bits/dim on the test split (K = ``eval.iw_samples``);
+disentanglement: BetaVAE, FactorVAE, MIG, DCI and SAP of the encoder mean (evaluation seed 0).
+Writes a DVC metrics file and logs the metrics into the run's current MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdn/ and baselines/
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+
+from sdn.seeding import seed_everything  # noqa: E402
+from sdn.study import Study, load_study  # noqa: E402
+
+EVAL_SEED = 0  # disentanglement_lib evaluates every model with the same seed
+
+
+def density_metrics(study: Study, run, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """ELBO and IW bits/dim of the (first ``max_examples``) test images."""
+    from sdn.scores import evaluate_bpd
+
+    cfg = study.section("density", run.dataset)["eval"]
+    test = study.dataset(run.dataset, "test")
+    if cfg["max_examples"] is not None and cfg["max_examples"] < len(test):
+        test = Subset(test, range(cfg["max_examples"]))
+    loader = DataLoader(test, batch_size=cfg["batch_size"], shuffle=False)
+    scores = evaluate_bpd(model, loader, num_samples=cfg["iw_samples"], seed=EVAL_SEED, device=device,
+                          progress=False)
+    return {"elbo_bpd": float(scores["elbo_bpd"]), "iw_bpd": float(scores["iw_bpd"]),
+            "iw_samples": int(scores["num_samples"]), "num_examples": int(scores["num_images"])}
+
+
+def disentanglement_metrics(study: Study, run, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """The five disentanglement metrics of the posterior mean, with the settings used."""
+    from sdn.metrics.disentanglement import compute_all
+
+    def representation(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model.encode_mean(torch.from_numpy(np.ascontiguousarray(images)).to(device)).cpu().numpy()
+
+    cfg = dict(study.section("disentanglement", run.dataset)["metrics"])
+    return compute_all(study.ground_truth(run.dataset), representation, seed=EVAL_SEED, **cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--family", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    study = load_study(args.params)
+    run = study.find_run(args.family, args.dataset, args.model, args.seed)
+    paths = study.paths(run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(EVAL_SEED)
+    model = study.build_model(run)
+    model.load_state_dict(torch.load(paths.weights, map_location="cpu", weights_only=True))
+    model.to(device).eval()
+    if run.family == "density":
+        metrics = density_metrics(study, run, model, device)
+    else:
+        metrics = disentanglement_metrics(study, run, model, device)
+    paths.eval_metrics.parent.mkdir(parents=True, exist_ok=True)
+    paths.eval_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    from sdn.tracking import Tracker
+
+    tracker = Tracker(study.experiment)
+    run_id = tracker.run_for_update(tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
+                                    {"family": run.family, "study": study.name})
+    tracker.log_metrics(run_id, {f"test/{k}": v for k, v in metrics.items()})
+    tracker.log_artifact(run_id, paths.eval_metrics, "metrics", name="eval.json")
+    tracker.finish(run_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""DVC stage ``fid@<dataset>-<model>-<seed>``: FID of one trained density model's samples.
+
+Without Inception weights (``fid.weights_path: null``) or reference statistics, the metrics file
+says n/a with the reason instead of failing; the implementation, version, sample count and
+reference are recorded with every value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdn/ and baselines/
+
+import torch  # noqa: E402
+
+from sdn.metrics.fid import compute_model_fid  # noqa: E402
+from sdn.study import load_study  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    study = load_study(args.params)
+    run = study.find_run("density", args.dataset, args.model, args.seed)
+    paths = study.paths(run)
+    fid_cfg = study.params["fid"]
+    temperature = float(study.section("density", run.dataset)["samples"]["temperature"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    model = study.build_model(run)
+    model.load_state_dict(torch.load(paths.weights, map_location="cpu", weights_only=True))
+    model.to(device).eval()
+    result = compute_model_fid(
+        model, study.fid_stats_dir(run.dataset) / "stats.npz", fid_cfg["weights_path"],
+        temperature=temperature, seed=run.seed, num_samples=fid_cfg["num_samples"],
+        batch_size=fid_cfg["batch_size"], device=device, progress=False,
+    )
+    record = result.to_dict()
+    record["fid"] = result.value if result.available else "n/a"
+    paths.fid_metrics.parent.mkdir(parents=True, exist_ok=True)
+    paths.fid_metrics.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    from sdn.tracking import Tracker
+
+    tracker = Tracker(study.experiment)
+    run_id = tracker.run_for_update(
+        tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
+        {"family": run.family, "study": study.name, "fid_status": "ok" if result.available else "n/a"},
+    )
+    if result.available:
+        tracker.log_metrics(run_id, {"fid": result.value})
+    tracker.log_artifact(run_id, paths.fid_metrics, "metrics", name="fid.json")
+    tracker.finish(run_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""DVC stage ``train_<family>@<dataset>-<model>-<seed>``: train one run of the study.
+
+Writes the trainer checkpoint and the weights evaluation uses, a sample grid, the training curve
+(DVC plots) and a metrics file, and logs all of it to a new MLflow run marked current.
+Works unchanged under ``torchrun`` (every rank trains; rank 0 writes files and tracks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdn/ and baselines/
+
+import torch  # noqa: E402
+import torchvision.utils  # noqa: E402
+
+from sdn.callbacks import CurveWriter  # noqa: E402
+from sdn.configs import count_parameters  # noqa: E402
+from sdn.seeding import make_generator, seed_everything  # noqa: E402
+from sdn.study import RandomHFlip, load_study  # noqa: E402
+from sdn.training import train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--family", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    study = load_study(args.params)  # everything is validated before anything trains
+    run = study.find_run(args.family, args.dataset, args.model, args.seed)
+    paths = study.paths(run)
+    rank = int(os.environ.get("RANK", "0"))
+
+    dataset = study.dataset(run.dataset, "train")
+    model_config = study.model_config(run.family, run.dataset, run.model, run.seed)
+    if getattr(model_config, "hflip", False):
+        dataset = RandomHFlip(dataset)
+    seed_everything(run.seed)
+    model = study.build_model(run)
+    num_params = count_parameters(model)
+    train_config = study.train_config(run.family, run.dataset, run.seed, run.model)
+
+    callbacks = []
+    tracker = run_id = None
+    if rank == 0:
+        from sdn.tracking import MlflowCallback, Tracker
+
+        for path in (paths.samples, paths.train_metrics, paths.curve):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(study.experiment)
+        run_id = tracker.new_run(
+            tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
+            {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
+        )
+        callbacks = [CurveWriter(paths.curve), MlflowCallback(tracker, run_id)]
+    try:
+        result = train(model, dataset, train_config, paths.model_dir, callbacks=callbacks, resume=True)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(run_id, "FAILED")
+        raise
+    if rank != 0:
+        return
+
+    eval_model = result.eval_model.eval()
+    torch.save(eval_model.state_dict(), paths.weights)
+    samples_cfg = study.section(run.family, run.dataset)["samples"]
+    images = eval_model.cpu().sample(samples_cfg["num"], temperature=samples_cfg["temperature"],
+                                     generator=make_generator(run.seed))
+    nrow = max(1, int(round(samples_cfg["num"] ** 0.5)))
+    torchvision.utils.save_image(images.float() / 255.0, paths.samples, nrow=nrow, padding=1)
+
+    final = {f"train_{k}": float(v) for k, v in result.metrics.items()}
+    metrics = {"num_params": num_params, "steps": result.steps, **final}
+    paths.train_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    tracker.log_metrics(run_id, metrics, step=result.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "resolved_config.json"
+        resolved.write_text(json.dumps(study.resolved(run), indent=2, default=str) + "\n")
+        tracker.log_artifact(run_id, resolved)
+    tracker.log_artifact(run_id, paths.samples, name="samples.png")
+    tracker.log_artifact(run_id, paths.train_metrics, "metrics", name="train.json")
+    tracker.log_artifact(run_id, paths.curve, "metrics", name="train_curve.csv")
+    tracker.finish(run_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Shared by the end-to-end tests: a tiny copy of the repository where `dvc repro` runs offline.
+
+The copy holds this checkout's dvc.yaml, pipelines/, sdn/, baselines/ and a TINY params.yaml
+(one seed, few steps, narrow models); stage scripts import the copy's code (PYTHONPATH), and
+MLflow writes to the copy's own mlflow.db. The first finished workspace is cached per session so
+the add-baseline test can start from it instead of running the whole pipeline again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COPIED = ("dvc.yaml", "params.yaml", "pipelines", "sdn", "baselines", "reports/paper_results.yaml")
+
+TOY_BASELINE = '''"""``toy``: a throw-away baseline for the add-a-baseline test (1x1 convs, transposed conv to upsample)."""
+
+from torch import nn
+
+from baselines import register_baseline
+from sdn.models.blocks import check_block_request, plain_conv
+
+
+class ToyBlockFactory:
+    def __call__(self, role, in_ch, out_ch, scale, upsample):
+        check_block_request(role, in_ch, out_ch, scale, upsample)
+        return plain_conv(in_ch, out_ch, True) if upsample else nn.Conv2d(in_ch, out_ch, 1)
+
+
+@register_baseline("toy")
+def build_toy(config):
+    return ToyBlockFactory()
+'''
+
+_BUILT: dict[str, Any] = {}
+
+
+def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The embedded study shrunk to seconds per stage: 1 seed, 2 models per family, 4 steps."""
+    p = yaml.safe_load(yaml.safe_dump(params))
+    p["study"]["seeds"] = [0]
+    p["study"]["density"]["models"] = ["sdn", "cnn"]
+    p["data"]["dsprites_procedural"]["options"] = {"num": 256, "seed": 0}
+    d = p["density"]["patches32"]
+    d["overrides"] = {"h_size": 8, "depth": 2, "ds_list": [0, 1], "sdn_nfeat_0": 8, "iaf_context": 8, "mixtures": 2}
+    d["models"] = {"sdn": {}, "cnn": {}}
+    d["train"].update(steps=4, batch_size=8, log_every=2, checkpoint_every=4)
+    d["eval"] = {"batch_size": 16, "iw_samples": 4, "max_examples": 16}
+    d["samples"]["num"] = 4
+    q = p["disentanglement"]["dsprites_procedural"]
+    q["overrides"] = {"sdn_features": 8, "batch_size": 16}
+    q["train"].update(steps=4, batch_size=16, log_every=2, checkpoint_every=4)
+    q["metrics"] = {"num_train": 60, "num_eval": 30, "batch_size": 8}
+    q["samples"]["num"] = 4
+    p["fid"]["num_samples"] = 10
+    return p
+
+
+def env(workspace: Path) -> dict[str, str]:
+    """Environment of the stage commands: this venv, the copy's code, no telemetry, no network."""
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "SDN_REPO_ROOT", "DVC_ROOT", "PYTHONPATH")}
+    out.update({
+        "PATH": f"{BIN}:{out.get('PATH', '/usr/bin:/bin')}", "PYTHONPATH": str(workspace),
+        "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONWARNINGS": "ignore",
+    })
+    return out
+
+
+def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=workspace, env=env(workspace),
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def ran_stages(output: str) -> set[str]:
+    """Names of the stages `dvc repro` ran (from its "Running stage 'x':" lines)."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def make_workspace(dest: Path, migrated_db: Path | None = None) -> Path:
+    """A fresh git + DVC repository at ``dest`` with this checkout's pipeline and tiny params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in COPIED:
+        src, dst = ROOT / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=ignore)
+        else:
+            shutil.copy(src, dst)
+    params = tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    dvc(dest, "init", "-q")
+    dvc(dest, "config", "core.site_cache_dir", str(dest / ".dvc" / "site"))
+    if migrated_db is not None:
+        shutil.copyfile(migrated_db, dest / "mlflow.db")
+    return dest
+
+
+def edit_params(workspace: Path, edit) -> None:
+    path = workspace / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def add_toy_baseline(workspace: Path) -> None:
+    """Exactly what docs/pipeline.md tells a user: one file in baselines/, its name in the study."""
+    (workspace / "baselines" / "toy.py").write_text(TOY_BASELINE)
+
+    def edit(p):
+        p["study"]["density"]["models"].append("toy")
+        for section in p["density"].values():
+            section["models"]["toy"] = {}
+
+    edit_params(workspace, edit)
+
+
+def migrated_db(tmp_root: Path) -> Path:
+    """A migrated, empty MLflow SQLite store (created once per session)."""
+    if "db" not in _BUILT:
+        path = tmp_root / "migrated" / "mlflow.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(BIN / "python"), "-c",
+                        f"import mlflow; mlflow.MlflowClient('sqlite:///{path}').search_experiments()"],
+                       env=env(ROOT), check=True, capture_output=True)
+        _BUILT["db"] = path
+    return _BUILT["db"]
+
+
+def built_workspace(tmp_root: Path) -> tuple[Path, str]:
+    """A workspace after one full `dvc repro` (cached for the session) and that repro's output."""
+    if "workspace" not in _BUILT:
+        ws = make_workspace(tmp_root / "built", migrated_db(tmp_root))
+        result = dvc(ws, "repro")
+        _BUILT["workspace"] = (ws, result.stdout + result.stderr)
+    return _BUILT["workspace"]

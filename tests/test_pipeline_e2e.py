@@ -1,0 +1,184 @@
+"""The whole study on a tiny params file: DVC stages, metrics, plots, reports and MLflow runs.
+
+One `dvc repro` in a temporary copy of the repository (shared with test_add_baseline.py), then:
+a second repro does nothing; `dvc metrics show` / `dvc plots show` work; the report's numbers are
+the metrics files' numbers; an `mlflow server` on the store answers runs/search with the runs,
+params, metrics and artifacts; editing one model's params reruns only that model's stages.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import pipeline_harness as harness
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return harness.built_workspace(tmp_path_factory.getbasetemp())
+
+
+def _expected_stages(with_toy: bool = False) -> set[str]:
+    density = ["sdn", "cnn"] + (["toy"] if with_toy else [])
+    stages = {"prepare_embedded@patches32", "prepare_embedded@dsprites_procedural", "fid_stats@patches32", "report"}
+    for m in density:
+        stages |= {f"train_density@patches32-{m}-0", f"evaluate_density@patches32-{m}-0", f"fid@patches32-{m}-0"}
+    for m in ("cnn", "sdn"):
+        stages |= {f"train_disentanglement@dsprites_procedural-{m}-0",
+                   f"evaluate_disentanglement@dsprites_procedural-{m}-0"}
+    return stages
+
+
+def test_repro_runs_every_stage_once_and_then_nothing(built):
+    ws, output = built
+    assert harness.ran_stages(output) == _expected_stages()
+    again = harness.dvc(ws, "repro")
+    assert harness.ran_stages(again.stdout) == set()
+    assert "up to date" in harness.dvc(ws, "status").stdout
+
+
+def test_dvc_metrics_and_plots(built):
+    ws, _ = built
+    metrics = json.loads(harness.dvc(ws, "metrics", "show", "--json").stdout)
+    data = next(iter(metrics.values()))["data"]
+    flat = {path: entry["data"] for path, entry in data.items()}
+    ev = flat["results/embedded/metrics/eval/patches32/sdn/seed0.json"]
+    assert ev["iw_bpd"] > 0 and ev["elbo_bpd"] > 0 and ev["iw_samples"] == 4
+    dis = flat["results/embedded/metrics/eval/dsprites_procedural/cnn/seed0.json"]
+    assert {"beta_vae.eval_accuracy", "factor_vae.eval_accuracy", "mig.discrete_mig", "dci.disentanglement",
+            "sap.SAP_score"} <= set(dis)
+    assert flat["results/embedded/metrics/fid/patches32/cnn/seed0.json"]["fid"] == "n/a"
+    plots = json.loads(harness.dvc(ws, "plots", "show", "--json").stdout)
+    text = json.dumps(plots)
+    assert "results/embedded/curves/patches32/sdn/seed0.csv" in text
+    assert "results/embedded/curves/dsprites_procedural/sdn/seed0.csv" in text
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_reports_hold_the_metrics_files_numbers(built):
+    ws, _ = built
+    reports = ws / "reports"
+    rows = {r["model"]: r for r in _rows(reports / "density.csv")}
+    assert set(rows) == {"sdn", "cnn"}
+    for model, row in rows.items():
+        ev = json.loads((ws / f"results/embedded/metrics/eval/patches32/{model}/seed0.json").read_text())
+        tr = json.loads((ws / f"results/embedded/metrics/train/patches32/{model}/seed0.json").read_text())
+        assert float(row["iw_bpd_mean"]) == pytest.approx(ev["iw_bpd"], rel=1e-5)
+        assert int(row["num_params"]) == tr["num_params"] and row["seeds"] == "1"
+    assert rows["sdn"]["num_params"] != rows["cnn"]["num_params"]
+    dis = {r["model"] for r in _rows(reports / "disentanglement.csv")}
+    assert dis == {"cnn", "sdn"}
+    fid_md = (reports / "fid.md").read_text()
+    assert "n/a (no Inception weights: set fid.weights_path)" in fid_md
+    index = (reports / "index.md").read_text()
+    for needle in ("## Density", "## Disentanglement", "## FID", "## Versions", "## Reduced from the paper",
+                   "figures/curves_patches32.png", "figures/samples_patches32_sdn.png", "K = 4"):
+        assert needle in index
+    for name in ("curves_patches32.png", "bars_patches32.png", "bars_dsprites_procedural.png",
+                 "samples_dsprites_procedural_cnn.png"):
+        assert (reports / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _request(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def test_mlflow_server_shows_the_runs(built, tmp_path):
+    ws, _ = built
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(harness.BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{ws / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=ws, env=harness.env(ws), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        exp = _request(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sdn-embedded")["experiment"]
+        found = _request(f"{base}/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp["experiment_id"]], "filter": "tags.current = 'true'", "max_results": 100})
+        runs = {}
+        for run in found["runs"]:
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            runs[(tags["dataset"], tags["model"], tags["seed"])] = run
+        assert set(runs) == {("patches32", "sdn", "0"), ("patches32", "cnn", "0"),
+                             ("dsprites_procedural", "cnn", "0"), ("dsprites_procedural", "sdn", "0")}
+        run = runs[("patches32", "sdn", "0")]
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert params["train.steps"] == "4" and params["model_config.h_size"] == "8" and params["seed"] == "0"
+        ev = json.loads((ws / "results/embedded/metrics/eval/patches32/sdn/seed0.json").read_text())
+        assert metrics["test/iw_bpd"] == pytest.approx(ev["iw_bpd"])
+        assert "train/bpd" in metrics and metrics["num_params"] > 0
+        assert tags["dvc_stage"] == "train_density@patches32-sdn-0" and tags["fid_status"] == "n/a"
+        dis = {m["key"] for m in runs[("dsprites_procedural", "sdn", "0")]["data"]["metrics"]}
+        assert "test/mig.discrete_mig" in dis
+        listed = _request(f"{base}/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
+        assert {"samples.png", "resolved_config.json", "metrics"} <= {f["path"] for f in listed["files"]}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_one_models_params_rerun_only_that_model(built, tmp_path):
+    import shutil
+
+    ws = tmp_path / "ws"
+    shutil.copytree(built[0], ws, symlinks=True)
+    harness.edit_params(ws, lambda p: p["density"]["patches32"]["models"]["cnn"].update(h_size=12))
+    status = json.loads(harness.dvc(ws, "status", "--json").stdout)
+    assert set(status) == {"train_density@patches32-cnn-0", "evaluate_density@patches32-cnn-0",
+                           "fid@patches32-cnn-0", "report"}
+    # Rerunning a stage makes a new MLflow run the current one for its key.
+    harness.dvc(ws, "repro", "--single-item", "train_density@patches32-cnn-0")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sdn-embedded")
+    runs = client.search_runs([exp.experiment_id],
+                              "tags.dataset = 'patches32' and tags.model = 'cnn' and tags.seed = '0'")
+    assert sorted(r.data.tags["current"] for r in runs) == ["false", "true"]
+    newest = max(runs, key=lambda r: r.info.start_time)
+    assert newest.data.tags["current"] == "true" and newest.data.params["model_config.h_size"] == "12"

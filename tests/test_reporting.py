@@ -1,0 +1,169 @@
+"""Report statistics against scipy and hand computations; tables and figures on tiny records."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+
+from sdn import reporting
+
+
+def test_summarize_matches_statistics_module():
+    values = [2.91, 2.87, 3.02, float("nan")]
+    s = reporting.summarize(values)
+    assert s.n == 3
+    assert s.mean == pytest.approx(statistics.mean(values[:3]), rel=1e-12)
+    assert s.std == pytest.approx(statistics.stdev(values[:3]), rel=1e-12)
+    one = reporting.summarize([1.5])
+    assert (one.mean, one.n) == (1.5, 1) and math.isnan(one.std)
+    assert reporting.summarize([]).n == 0
+
+
+def test_welch_hand_computed_case():
+    # a = [1, 2, 3], b = [4, 6, 8]: s_a^2 = 1, s_b^2 = 4, se^2 = 1/3 + 4/3 = 5/3,
+    # df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17, t = -4 / sqrt(5/3).
+    c = reporting.welch([1, 2, 3], [4, 6, 8])
+    assert c.diff == pytest.approx(-4.0)
+    assert c.df == pytest.approx(50 / 17)
+    assert c.t == pytest.approx(-4 / math.sqrt(5 / 3))
+    assert (c.n_a, c.n_b) == (3, 3)
+    # Two-sided p-value of t with 50/17 df, straight from the t distribution.
+    assert c.p_value == pytest.approx(2 * stats.t.sf(4 / math.sqrt(5 / 3), 50 / 17), rel=1e-10)
+
+
+def test_welch_matches_scipy_and_ci_inverts_the_test():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(2.9, 0.05, 5), rng.normal(3.0, 0.2, 4)
+    c = reporting.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert c.t == pytest.approx(ref.statistic, rel=1e-12)
+    assert c.p_value == pytest.approx(ref.pvalue, rel=1e-12)
+    assert c.diff == pytest.approx(a.mean() - b.mean(), rel=1e-12)
+    # The 95% CI bounds are exactly the shifts at which Welch's test has p = 0.05.
+    for bound in (c.ci_low, c.ci_high):
+        assert stats.ttest_ind(a - bound, b, equal_var=False).pvalue == pytest.approx(0.05, rel=1e-8)
+    assert c.ci_low < c.diff < c.ci_high
+
+
+def test_welch_too_few_seeds_gives_nan_test_but_a_difference():
+    c = reporting.welch([1.0], [2.0, 3.0])
+    assert c.diff == pytest.approx(-1.5)
+    assert math.isnan(c.p_value) and math.isnan(c.ci_low)
+    with pytest.raises(ValueError, match="confidence"):
+        reporting.welch([1, 2], [3, 4], confidence=1.5)
+
+
+def _records():
+    recs = []
+    for model, base, params in (("sdn", 3.0, 1000), ("cnn", 3.2, 400)):
+        for seed, noise in enumerate((0.01, -0.02, 0.03)):
+            recs.append({"dataset": "cifar10", "model": model, "seed": seed, "num_params": params,
+                         "metrics": {"elbo_bpd": base + noise + 0.05, "iw_bpd": base + noise}})
+    return recs
+
+
+def test_metric_rows_and_paper_difference():
+    paper = {"density": {"cifar10": {"sdn": {"iw_bpd": {"value": 2.87, "source": "paper T1", "verified": False}}}}}
+    rows = reporting.metric_rows(_records(), ["elbo_bpd", "iw_bpd"], "density", paper, paper_metric="iw_bpd")
+    by_model = {r["model"]: r for r in rows}
+    sdn = by_model["sdn"]
+    iw = [3.01, 2.98, 3.03]
+    assert sdn["iw_bpd_mean"] == pytest.approx(np.mean(iw))
+    assert sdn["iw_bpd_std"] == pytest.approx(np.std(iw, ddof=1))
+    assert sdn["seeds"] == 3 and sdn["num_params"] == 1000
+    assert sdn["paper"] == 2.87 and "unverified" in sdn["paper_source"]
+    assert sdn["diff_vs_paper"] == pytest.approx(np.mean(iw) - 2.87)
+    assert by_model["cnn"]["paper"] is None and by_model["cnn"]["diff_vs_paper"] is None
+    assert sdn["iw_bpd_pm"] == f"{np.mean(iw):.3f} ± {np.std(iw, ddof=1):.3f}"
+
+
+def test_comparison_rows_are_candidate_minus_other():
+    rows = reporting.comparison_rows(_records(), ["iw_bpd"])
+    assert len(rows) == 1
+    row = rows[0]
+    a = [3.01, 2.98, 3.03]
+    b = [3.21, 3.18, 3.23]
+    assert row["comparison"] == "sdn − cnn"
+    assert row["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert row["p_value"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-10)
+
+
+def test_markdown_and_csv(tmp_path):
+    rows = [{"model": "sdn", "x": 1.23456, "n": 3}, {"model": "c|nn", "x": float("nan"), "n": 1}]
+    md = reporting.markdown_table(rows, ["model", "x", "n"])
+    assert md.splitlines()[0] == "| model | x | n |"
+    assert "| sdn | 1.235 | 3 |" in md and "c\\|nn | n/a" in md
+    reporting.write_csv(rows, ["model", "x", "n"], tmp_path / "t.csv")
+    with (tmp_path / "t.csv").open() as handle:
+        back = list(csv.DictReader(handle))
+    assert back[0] == {"model": "sdn", "x": "1.23456", "n": "3"}
+    assert back[1]["x"] == ""
+
+
+def test_figures_are_pngs(tmp_path):
+    steps = np.arange(0, 50, 10)
+    curves = {"sdn": [(steps, 5 - 0.01 * steps), (steps, 5.1 - 0.01 * steps)], "cnn": [(steps, 6 - 0.01 * steps)]}
+    reporting.plot_curves(curves, tmp_path / "c.png", "curves")
+    rows = reporting.metric_rows(_records(), ["elbo_bpd", "iw_bpd"], "density", {})
+    reporting.plot_bars(rows, ["elbo_bpd", "iw_bpd"], tmp_path / "b.png", "bars")
+    for name in ("c.png", "b.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.format == "PNG" and img.size[0] > 100
+
+
+def test_build_report_from_metrics_files(tmp_path, monkeypatch):
+    """The report of a study whose metrics files hold hand-picked numbers (no training)."""
+    import json as _json
+    from pathlib import Path
+
+    import yaml
+
+    from sdn.study import validate
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["study"]["seeds"] = [0, 1, 2]
+    study = validate(params)
+    monkeypatch.chdir(tmp_path)
+    iw = {"sdn": [3.10, 3.05, 3.12], "cnn": [3.30, 3.28, 3.41], "cnn_matched": [3.20, 3.22, 3.19]}
+    for run in study.runs():
+        paths = study.paths(run)
+        for p in (paths.train_metrics, paths.eval_metrics, paths.curve, paths.fid_metrics):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        paths.train_metrics.write_text(_json.dumps({"num_params": 1000 + len(run.model)}))
+        paths.curve.write_text("step,loss,bpd,lr,grad_norm\n10,9,5.0,0.002,1\n20,8,4.0,0.002,1\n")
+        if run.family == "density":
+            v = iw[run.model][run.seed]
+            paths.eval_metrics.write_text(_json.dumps({"elbo_bpd": v + 0.1, "iw_bpd": v}))
+            paths.fid_metrics.write_text(_json.dumps({"fid": "n/a", "available": False, "value": None,
+                                                      "reason": "no Inception weights: set fid.weights_path"}))
+        else:
+            score = 0.5 + 0.1 * (run.model == "sdn") + 0.01 * run.seed
+            paths.eval_metrics.write_text(_json.dumps({"mig.discrete_mig": score, "settings.num_train": 10.0}))
+    paper = {"density": {"patches32": {"sdn": {"iw_bpd": {"value": 3.0, "source": "test", "verified": True}}}}}
+    reporting.build_report(study, paper, tmp_path / "reports")
+    with (tmp_path / "reports" / "density.csv").open() as handle:
+        rows = {r["model"]: r for r in csv.DictReader(handle)}
+    assert float(rows["sdn"]["iw_bpd_mean"]) == pytest.approx(np.mean(iw["sdn"]), rel=1e-5)
+    assert float(rows["cnn"]["iw_bpd_std"]) == pytest.approx(np.std(iw["cnn"], ddof=1), rel=1e-5)
+    assert float(rows["sdn"]["diff_vs_paper"]) == pytest.approx(np.mean(iw["sdn"]) - 3.0, rel=1e-5)
+    with (tmp_path / "reports" / "density_comparison.csv").open() as handle:
+        comp = {(r["comparison"], r["metric"]): r for r in csv.DictReader(handle)}
+    row = comp[("sdn − cnn", "iw_bpd")]
+    assert float(row["p_value"]) == pytest.approx(stats.ttest_ind(iw["sdn"], iw["cnn"], equal_var=False).pvalue, rel=1e-5)
+    with (tmp_path / "reports" / "disentanglement.csv").open() as handle:
+        dis = {r["model"]: r for r in csv.DictReader(handle)}
+    assert float(dis["sdn"]["mig.discrete_mig_mean"]) == pytest.approx(0.61)
+    assert "settings.num_train_mean" not in dis["sdn"]
+    index = (tmp_path / "reports" / "index.md").read_text()
+    k = params["density"]["patches32"]["eval"]["iw_samples"]
+    assert f"K = {k} (paper: 1024)" in index and f"FID from {params['fid']['num_samples']} samples" in index
+    assert "## Versions" in index and "## Reduced from the paper" in index
+    assert "n/a (no Inception weights: set fid.weights_path)" in (tmp_path / "reports" / "fid.md").read_text()
+    assert (tmp_path / "reports" / "figures" / "curves_patches32.png").is_file()

@@ -1,0 +1,189 @@
+"""Params validation: the shipped studies are valid; bad params fail before training, naming the key."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sdn import study as study_mod
+from sdn.study import StudyError, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def embedded() -> dict:
+    return _load("params.yaml")
+
+
+def test_embedded_study_is_valid_and_expands_like_dvc(embedded):
+    s = validate(embedded)
+    assert s.name == "embedded" and s.experiment == "sdn-embedded"
+    assert s.datasets("density") == ["patches32"] and s.models("density") == ["sdn", "cnn", "cnn_matched"]
+    assert s.datasets("disentanglement") == ["dsprites_procedural"] and s.models("disentanglement") == ["cnn", "sdn"]
+    runs = s.runs()
+    assert len(runs) == (3 + 2) * len(s.seeds)
+    assert runs[0].stage_suffix == f"patches32-sdn-{s.seeds[0]}"
+    # The run's seed drives the trainer and the VAE's weight init.
+    assert s.train_config("disentanglement", "dsprites_procedural", 2, "sdn").seed == 2
+    assert s.model_config("disentanglement", "dsprites_procedural", "sdn", 2).seed == 2
+
+
+def test_paper_study_is_valid_and_every_config_builds_on_meta():
+    from sdn.configs import build_model, count_parameters
+    from sdn.models.vanilla_vae import build_vanilla_vae
+
+    s = validate(_load("params-paper.yaml"))
+    assert s.datasets("density") == ["cifar10", "imagenet32", "celebahq256"]
+    assert s.datasets("disentanglement") == ["shapes3d"]
+    assert s.section("density", "cifar10")["eval"]["iw_samples"] == 1024
+    assert s.params["fid"]["num_samples"] == 50_000
+    counts = {}
+    for run in s.runs():
+        if run.seed != s.seeds[0]:
+            continue
+        config = s.model_config(run.family, run.dataset, run.model, run.seed)
+        if run.family == "density":
+            model = build_model(config, run.model, device="meta")
+        else:
+            with torch.device("meta"):
+                model = build_vanilla_vae(config, run.model)
+        assert all(p.device.type == "meta" for p in model.parameters())
+        counts[(run.dataset, run.model)] = count_parameters(model)
+    # The paper's SDN model is much larger than its CNN baseline; cnn_matched closes the gap (5%).
+    assert counts[("cifar10", "sdn")] > 2 * counts[("cifar10", "cnn")]
+    assert abs(counts[("cifar10", "cnn_matched")] / counts[("cifar10", "sdn")] - 1) < 0.05
+    tc = s.train_config("density", "cifar10", 0, "sdn")
+    assert (tc.lr, tc.batch_size, tc.ema_decay) == (0.002, 256, 0.999)  # the paper's table
+
+
+def _bad(embedded: dict, edit) -> str:
+    params = copy.deepcopy(embedded)
+    edit(params)
+    with pytest.raises(StudyError) as info:
+        validate(params)
+    return str(info.value)
+
+
+def test_unknown_names_list_the_allowed_values(embedded):
+    msg = _bad(embedded, lambda p: p["study"]["density"]["datasets"].append("mnist"))
+    assert "study.density.datasets" in msg and "mnist" in msg and "patches32" in msg and "cifar10" in msg
+    msg = _bad(embedded, lambda p: p["study"]["density"]["models"].append("pixelcnn"))
+    assert "study.density.models" in msg and "pixelcnn" in msg and "cnn_matched" in msg
+    msg = _bad(embedded, lambda p: p["study"]["disentanglement"]["models"].append("cnn_matched"))
+    assert "study.disentanglement.models" in msg and "['cnn', 'sdn']" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"].update(config="cifar100"))
+    assert "density.patches32.config" in msg and "cifar10" in msg and "embedded" in msg
+
+
+def test_missing_keys_are_named(embedded):
+    msg = _bad(embedded, lambda p: p["density"]["patches32"].pop("train"))
+    assert "density.patches32" in msg and "train" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["models"].pop("cnn"))
+    assert "density.patches32.models.cnn" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["train"].pop("steps"))
+    assert "density.patches32.train" in msg and "steps" in msg
+    msg = _bad(embedded, lambda p: p.pop("fid"))
+    assert "fid" in msg
+    msg = _bad(embedded, lambda p: p["data"].pop("patches32"))
+    assert "data" in msg and "patches32" in msg
+
+
+def test_type_errors_are_named(embedded):
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["train"].update(lr="fast"))
+    assert "density.patches32.train.lr must be float" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["train"].update(steps=True))
+    assert "density.patches32.train.steps must be int" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["overrides"].update(h_size=1.5))
+    assert "density.patches32.overrides.h_size must be int" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["overrides"].update(width=3))
+    assert "density.patches32.overrides" in msg and "width" in msg and "h_size" in msg
+    msg = _bad(embedded, lambda p: p["study"].update(seeds=[0, "1"]))
+    assert "study.seeds" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["eval"].update(iw_samples=None))
+    assert "density.patches32.eval.iw_samples must be int" in msg
+    msg = _bad(embedded, lambda p: p["disentanglement"]["dsprites_procedural"]["metrics"].update(num_tran=5))
+    assert "disentanglement.dsprites_procedural.metrics" in msg and "num_train" in msg
+
+
+def test_consistency_rules(embedded):
+    msg = _bad(embedded, lambda p: p["study"].update(downloads=["cifar10"]))
+    assert "study.downloads" in msg
+    msg = _bad(embedded, lambda p: p["study"].update(embedded=["patches32"]))
+    assert "study.embedded" in msg and "dsprites_procedural" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["train"].update(seed=3))
+    assert "density.patches32.train.seed" in msg and "study.seeds" in msg
+    msg = _bad(embedded, lambda p: p["study"].update(seeds=[0, 0]))
+    assert "study.seeds" in msg
+    msg = _bad(embedded, lambda p: p["data"]["patches32"].update(out="elsewhere"))
+    assert "data.patches32.out" in msg and "data/prepared/patches32" in msg
+    # A value the config itself rejects is reported with the section it came from.
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["models"]["sdn"].update(sdn_num_dirs=7))
+    assert "density.patches32" in msg and "sdn_num_dirs" in msg
+
+
+def test_train_stage_fails_before_training(embedded, tmp_path, monkeypatch):
+    """pipelines/train.py validates the params before it builds data, models or the trainer."""
+    params = copy.deepcopy(embedded)
+    params["density"]["patches32"]["train"]["lr"] = "fast"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    spec = importlib.util.spec_from_file_location("train_stage", ROOT / "pipelines" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    called = []
+    monkeypatch.setattr(module, "train", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(study_mod.Study, "dataset", lambda *a, **k: called.append(2))
+    with pytest.raises(StudyError, match="density.patches32.train.lr"):
+        module.main(["--family", "density", "--dataset", "patches32", "--model", "sdn", "--seed", "0",
+                     "--params", str(tmp_path / "params.yaml")])
+    assert called == []
+    with pytest.raises(StudyError, match="not in the study"):
+        module.main(["--family", "density", "--dataset", "patches32", "--model", "sdn", "--seed", "7",
+                     "--params", str(ROOT / "params.yaml")])
+    assert called == []
+
+
+@pytest.mark.slow
+def test_paper_dag_resolves(tmp_path):
+    """The paper study's DAG (same dvc.yaml, params-paper.yaml) resolves in a temporary copy."""
+    dvc = Path(shutil.which("dvc") or ROOT / ".venv" / "bin" / "dvc")
+    for name in ("dvc.yaml", "params-paper.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / "params-paper.yaml", tmp_path / "params.yaml")
+    env = {"DVC_NO_ANALYTICS": "1", "PATH": f"{dvc.parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(dvc), "init", "-q"], cwd=tmp_path, check=True, env=env)
+    subprocess.run([str(dvc), "config", "core.site_cache_dir", str(tmp_path / ".site")], cwd=tmp_path,
+                   check=True, env=env)
+    out = subprocess.run([str(dvc), "stage", "list"], cwd=tmp_path, check=True, env=env,
+                         capture_output=True, text=True).stdout
+    stages = {line.split()[0] for line in out.splitlines() if line.strip()}
+    s = validate(_load("params-paper.yaml"))
+    expected = {f"download@{d}" for d in s.params["study"]["downloads"]}
+    expected |= {f"prepare@{d}" for d in s.params["study"]["downloads"]}
+    expected |= {f"fid_stats@{d}" for d in s.datasets("density")}
+    for run in s.runs():
+        expected |= {f"train_{run.family}@{run.stage_suffix}", f"evaluate_{run.family}@{run.stage_suffix}"}
+        if run.family == "density":
+            expected.add(f"fid@{run.stage_suffix}")
+    expected.add("report")
+    assert stages == expected
+    dag = subprocess.run([str(dvc), "dag", "--dot"], cwd=tmp_path, check=True, env=env,
+                         capture_output=True, text=True).stdout
+    # The edges follow the data: download -> prepare -> train -> evaluate/fid -> report.
+    assert '"download@cifar10" -> "prepare@cifar10"' in dag
+    assert '"prepare@cifar10" -> "train_density@cifar10-sdn-0"' in dag
+    assert '"train_density@cifar10-sdn-0" -> "evaluate_density@cifar10-sdn-0"' in dag
+    assert '"fid_stats@cifar10" -> "fid@cifar10-sdn-0"' in dag
+    assert '"evaluate_disentanglement@shapes3d-sdn-2" -> "report"' in dag
