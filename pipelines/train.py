@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torchvision.utils  # noqa: E402
 
 from sdn.callbacks import CurveWriter  # noqa: E402
+from sdn.checkpoint import remove_other_checkpoints, run_checkpoint_dir  # noqa: E402
 from sdn.configs import count_parameters  # noqa: E402
 from sdn.seeding import make_generator, seed_everything  # noqa: E402
 from sdn.study import RandomHFlip, load_study  # noqa: E402
@@ -62,8 +63,11 @@ def main(argv: list[str] | None = None) -> None:
             {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
         )
         callbacks = [CurveWriter(paths.curve), MlflowCallback(tracker, run_id)]
+    # The model directory is a persistent DVC output: an interrupted run resumes from the checkpoint
+    # of exactly this configuration, a changed configuration starts afresh.
+    checkpoint_dir = run_checkpoint_dir(paths.model_dir, study.resolved(run))
     try:
-        result = train(model, dataset, train_config, paths.model_dir, callbacks=callbacks, resume=True)
+        result = train(model, dataset, train_config, checkpoint_dir, callbacks=callbacks, resume=True)
     except BaseException:
         if tracker is not None:
             tracker.finish(run_id, "FAILED")
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank != 0:
         return
 
+    remove_other_checkpoints(checkpoint_dir)
     eval_model = result.eval_model.eval()
     torch.save(eval_model.state_dict(), paths.weights)
     samples_cfg = study.section(run.family, run.dataset)["samples"]

@@ -6,8 +6,11 @@ optimizer and scheduler states, every rank's RNG states and the data position (e
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,30 @@ FORMAT_VERSION = 1
 def checkpoint_file(checkpoint_dir: str | os.PathLike[str]) -> Path:
     """The path of the (single, always latest) checkpoint in ``checkpoint_dir``."""
     return Path(checkpoint_dir) / CHECKPOINT_NAME
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short stable hash of a JSON-able run configuration (dict keys sorted)."""
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_checkpoint_dir(root: str | os.PathLike[str], config: Any) -> Path:
+    """The checkpoint directory of one run configuration: ``root/checkpoints/<fingerprint>``.
+
+    Keying checkpoints by the full configuration means a resumed run can only ever continue from a
+    checkpoint of the same configuration; a changed hyper-parameter starts a fresh directory.
+    """
+    return Path(root) / "checkpoints" / config_fingerprint(config)
+
+
+def remove_other_checkpoints(keep: str | os.PathLike[str]) -> list[Path]:
+    """Delete sibling checkpoint directories of ``keep`` (stale configurations); return them."""
+    keep = Path(keep)
+    removed = [p for p in keep.parent.iterdir() if p.is_dir() and p != keep] if keep.parent.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
