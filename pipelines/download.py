@@ -22,22 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdn/
 
-from sdn.data.download import DownloadError, download
-from sdn.data.sources import SOURCES
-
-
-def dataset_params(params_path: str | Path, name: str) -> dict[str, Any]:
-    """The ``data.<name>`` section of the params file (ValueError if absent)."""
-    with open(params_path) as handle:
-        params = yaml.safe_load(handle) or {}
-    section = (params.get("data") or {}).get(name)
-    if not isinstance(section, dict):
-        raise ValueError(f"{params_path}: no mapping 'data.{name}'")
-    return section
+from pipelines.study import dataset_params  # noqa: E402
+from sdn.data.download import DownloadError, download  # noqa: E402
+from sdn.data.sources import SOURCES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from sdn.seeding import seed_everything  # noqa: E402
-from sdn.study import Study, load_study  # noqa: E402
+from pipelines.study import Study, load_study  # noqa: E402
 
 EVAL_SEED = 0  # disentanglement_lib evaluates every model with the same seed
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch  # noqa: E402
 
 from sdn.metrics.fid import compute_model_fid  # noqa: E402
-from sdn.study import load_study  # noqa: E402
+from pipelines.study import load_study  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

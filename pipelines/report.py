@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import yaml  # noqa: E402
 
 from sdn.reporting import build_report  # noqa: E402
-from sdn.study import load_study  # noqa: E402
+from pipelines.study import load_study  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

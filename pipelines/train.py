@@ -23,7 +23,8 @@ from sdn.callbacks import CurveWriter  # noqa: E402
 from sdn.checkpoint import remove_other_checkpoints, run_checkpoint_dir  # noqa: E402
 from sdn.configs import count_parameters  # noqa: E402
 from sdn.seeding import make_generator, seed_everything  # noqa: E402
-from sdn.study import RandomHFlip, load_study  # noqa: E402
+from pipelines.study import load_study  # noqa: E402
+from sdn.data.augment import RandomHFlip  # noqa: E402
 from sdn.training import train  # noqa: E402
 
 

@@ -124,7 +124,7 @@ def test_build_report_from_metrics_files(tmp_path, monkeypatch):
 
     import yaml
 
-    from sdn.study import validate
+    from pipelines.study import validate
 
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from sdn import study as study_mod
-from sdn.study import StudyError, validate
+from pipelines import study as study_mod
+from pipelines.study import StudyError, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

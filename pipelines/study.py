@@ -190,25 +190,6 @@ class RunPaths:
         return self.model_dir / "eval_weights.pt"
 
 
-class RandomHFlip:
-    """Dataset wrapper flipping images left-right with probability 1/2 (torch's global RNG, which
-    the trainer seeds), for configs with ``hflip`` (CIFAR-10 and CelebA in the paper)."""
-
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        import torch
-
-        image, factors = self.dataset[index]
-        if bool(torch.rand(()) < 0.5):
-            image = image.flip(-1)
-        return image, factors
-
-
 @dataclass(frozen=True)
 class Study:
     """The validated params and the resolved objects the stage scripts need."""
@@ -454,6 +435,17 @@ def validate(params: Mapping[str, Any]) -> Study:
                 except ValueError as err:
                     raise StudyError(f"{family}.{dataset} (model {model}): {err}") from err
     return result
+
+
+def dataset_params(params_path: str | Path, name: str) -> dict[str, Any]:
+    """The ``data.<name>`` section of the params file, for the download and prepare stages, which
+    run before the rest of the study is needed (ValueError if absent)."""
+    with open(params_path) as handle:
+        params = yaml.safe_load(handle) or {}
+    section = (params.get("data") or {}).get(name)
+    if not isinstance(section, dict):
+        raise ValueError(f"{params_path}: no mapping 'data.{name}'")
+    return section
 
 
 def load_study(path: str | Path = "params.yaml") -> Study:
