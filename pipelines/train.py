@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     num_params = count_parameters(model)
     train_config = study.train_config(run.family, run.dataset, run.seed, run.model)
 
+    # The model directory is a persistent DVC output: an interrupted run resumes from the checkpoint
+    # of exactly this configuration, a changed configuration starts afresh. The curve is kept beside
+    # the checkpoint (DVC deletes the plots file before a rerun) and copied out when training ends.
+    checkpoint_dir = run_checkpoint_dir(paths.model_dir, study.resolved(run))
+    curve = checkpoint_dir / "curve.csv"
+    if rank == 0 and checkpoint_dir.exists() and not curve.exists():
+        print(f"train: {curve} is missing, retraining {run.stage_suffix} from scratch", file=sys.stderr)
+        shutil.rmtree(checkpoint_dir)
     callbacks = []
     tracker = run_id = None
     if rank == 0:
@@ -63,10 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
             {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
         )
-        callbacks = [CurveWriter(paths.curve), MlflowCallback(tracker, run_id)]
-    # The model directory is a persistent DVC output: an interrupted run resumes from the checkpoint
-    # of exactly this configuration, a changed configuration starts afresh.
-    checkpoint_dir = run_checkpoint_dir(paths.model_dir, study.resolved(run))
+        callbacks = [CurveWriter(curve), MlflowCallback(tracker, run_id)]
     try:
         result = train(model, dataset, train_config, checkpoint_dir, callbacks=callbacks, resume=True)
     except BaseException:
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     remove_other_checkpoints(checkpoint_dir)
+    shutil.copyfile(curve, paths.curve)
     eval_model = result.eval_model.eval()
     torch.save(eval_model.state_dict(), paths.weights)
     samples_cfg = study.section(run.family, run.dataset)["samples"]

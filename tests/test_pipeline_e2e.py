@@ -182,3 +182,22 @@ def test_one_models_params_rerun_only_that_model(built, tmp_path):
     assert sorted(r.data.tags["current"] for r in runs) == ["false", "true"]
     newest = max(runs, key=lambda r: r.info.start_time)
     assert newest.data.tags["current"] == "true" and newest.data.params["model_config.h_size"] == "12"
+
+
+def test_rerun_of_an_unchanged_run_resumes_from_its_checkpoint(built, tmp_path):
+    """DVC deletes a stage's plain outputs before it reruns; the persistent model directory keeps
+    the checkpoint (and the curve beside it), so the run continues instead of starting over."""
+    import shutil
+
+    ws = tmp_path / "ws"
+    shutil.copytree(built[0], ws, symlinks=True)
+    study = "results/embedded"
+    curve = ws / study / "curves/patches32/sdn/seed0.csv"
+    weights = ws / study / "models/patches32/sdn/seed0/eval_weights.pt"
+    curve_before, weights_before = curve.read_bytes(), weights.read_bytes()
+    out = harness.dvc(ws, "repro", "--force", "--single-item", "train_density@patches32-sdn-0")
+    assert "train_density@patches32-sdn-0" in harness.ran_stages(out.stdout + out.stderr)
+    assert curve.read_bytes() == curve_before
+    assert weights.read_bytes() == weights_before
+    checkpoints = list((weights.parent / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "checkpoint.pt").exists()
