@@ -3,7 +3,7 @@ dSprites, then all five disentanglement metrics of each encoder mean, printed as
 
 Not a DVC stage and not a result: a few hundred steps on CPU show that the pieces fit together
 (data -> model -> trainer -> metrics); the scores of such short runs are noise-level.
-Usage: ``python pipelines/disentangle_demo.py [--steps 100] [--num-train 300] [--out DIR]``
+Usage: ``python examples/disentangle_demo.py [--steps 100] [--num-train 300] [--out DIR]``
 (about 5 CPU-minutes; 14 minutes wall on 2 shared cores).
 """
 
