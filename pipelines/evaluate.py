@@ -7,7 +7,6 @@ Writes a DVC metrics file and logs the metrics into the run's current MLflow run
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from sdn.seeding import seed_everything  # noqa: E402
-from pipelines.study import Study, load_study  # noqa: E402
+from pipelines.study import Study, run_from_cli  # noqa: E402
 
 EVAL_SEED = 0  # disentanglement_lib evaluates every model with the same seed
 
@@ -52,16 +51,8 @@ def disentanglement_metrics(study: Study, run, model: torch.nn.Module, device: t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--family", required=True)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
 
-    study = load_study(args.params)
-    run = study.find_run(args.family, args.dataset, args.model, args.seed)
+    study, run = run_from_cli(__doc__, argv)
     paths = study.paths(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(EVAL_SEED)

@@ -7,7 +7,6 @@ reference are recorded with every value.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,19 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch  # noqa: E402
 
 from sdn.metrics.fid import compute_model_fid  # noqa: E402
-from pipelines.study import load_study  # noqa: E402
+from pipelines.study import run_from_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
 
-    study = load_study(args.params)
-    run = study.find_run("density", args.dataset, args.model, args.seed)
+    study, run = run_from_cli(__doc__, argv, family="density")
     paths = study.paths(run)
     fid_cfg = study.params["fid"]
     temperature = float(study.section("density", run.dataset)["samples"]["temperature"])

@@ -8,6 +8,7 @@ missing keys and wrongly typed values raise :class:`StudyError` naming the key (
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
@@ -446,6 +447,22 @@ def dataset_params(params_path: str | Path, name: str) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise ValueError(f"{params_path}: no mapping 'data.{name}'")
     return section
+
+
+def run_from_cli(description: str, argv: list[str] | None = None,
+                 family: str | None = None) -> tuple["Study", Run]:
+    """Parse a per-run stage's ``--family --dataset --model --seed --params`` (no ``--family`` when
+    the stage fixes it), validate the whole study, and return it with the stage's run."""
+    parser = argparse.ArgumentParser(description=description)
+    if family is None:
+        parser.add_argument("--family", required=True, choices=FAMILIES)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    study = load_study(args.params)  # everything is validated before anything runs
+    return study, study.find_run(family or args.family, args.dataset, args.model, args.seed)
 
 
 def load_study(path: str | Path = "params.yaml") -> Study:

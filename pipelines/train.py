@@ -7,7 +7,6 @@ Works unchanged under ``torchrun`` (every rank trains; rank 0 writes files and t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,22 +23,14 @@ from sdn.callbacks import CurveWriter  # noqa: E402
 from sdn.checkpoint import remove_other_checkpoints, run_checkpoint_dir  # noqa: E402
 from sdn.configs import count_parameters  # noqa: E402
 from sdn.seeding import make_generator, seed_everything  # noqa: E402
-from pipelines.study import load_study  # noqa: E402
+from pipelines.study import run_from_cli  # noqa: E402
 from sdn.data.augment import RandomHFlip  # noqa: E402
 from sdn.training import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--family", required=True)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
 
-    study = load_study(args.params)  # everything is validated before anything trains
-    run = study.find_run(args.family, args.dataset, args.model, args.seed)
+    study, run = run_from_cli(__doc__, argv)
     paths = study.paths(run)
     rank = int(os.environ.get("RANK", "0"))
 

@@ -1,7 +1,7 @@
 """Named configurations of the density model (the paper's three and a small CPU "embedded" one),
 and ``build_model`` which turns a config and a registered model name into an ``nn.Module``.
 
-Paper values follow the table in ``/work/shared/reference/paper-and-official-code.md`` (section 2).
+Paper values follow the hyper-parameter table of the official scripts (paper Appendix; djordjemila/sdn).
 """
 
 from __future__ import annotations

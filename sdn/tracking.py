@@ -41,7 +41,7 @@ _VERSIONED_PACKAGES = ("sdn-repro", "torch", "torchvision", "numpy", "scipy", "s
 def resolve_repo_root(start: Optional[Path] = None) -> Path:
     """The main repository root: ``$SDN_REPO_ROOT``, else ``$DVC_ROOT``, else git's common dir's parent.
 
-    DVC runs queued/temp experiments in copies under ``<root>/.dvc/tmp/exps/`` (with their own
+    DVC runs queued/temp experiments in copies under the ``exps`` folder of ``<root>/.dvc/tmp`` (with their own
     ``.git``) and sets ``DVC_ROOT`` to the main root; a path inside such a copy also resolves to
     ``<root>``, so every run lands in one store.
     """
@@ -61,7 +61,7 @@ def resolve_repo_root(start: Optional[Path] = None) -> Path:
 
 
 def _outside_exp_copy(root: Path) -> Path:
-    """``<root>`` for a path inside ``<root>/.dvc/tmp/exps/...`` (a DVC experiment copy), else the path."""
+    """``<root>`` for a path inside the ``exps`` folder of ``<root>/.dvc/tmp`` (a DVC experiment copy), else the path."""
     text = str(root) + os.sep
     if _DVC_EXPS in text:
         return Path(text.split(_DVC_EXPS, 1)[0])
