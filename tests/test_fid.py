@@ -14,6 +14,7 @@ import scipy.linalg
 import torch
 import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from fid_weights import save_random_fid_inception
 from PIL import Image
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
@@ -271,21 +272,7 @@ def _no_downloads(monkeypatch):
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory) -> Path:
     """A randomly initialised torch-fidelity FID-Inception saved as a state dict (built offline)."""
-    directory = tmp_path_factory.mktemp("inception")
-    empty = directory / "empty.pth"
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    # torch-fidelity's constructor insists on loading weights: give it an empty dict and skip the load.
-    with mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, **kw: None):
-        net = tf_inception.FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)
-        )
-    for module in net.modules():  # He init keeps activations O(1) through the 40-odd layers
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = directory / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    return save_random_fid_inception(tmp_path_factory.mktemp("inception"))
 
 
 @pytest.fixture(scope="module")

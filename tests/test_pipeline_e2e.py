@@ -201,3 +201,32 @@ def test_rerun_of_an_unchanged_run_resumes_from_its_checkpoint(built, tmp_path):
     assert weights.read_bytes() == weights_before
     checkpoints = list((weights.parent / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / "checkpoint.pt").exists()
+
+
+def test_fid_stages_with_a_local_weights_file(built, tmp_path):
+    """With `fid.weights_path` set, the real stage scripts compute reference statistics and a
+    finite FID that records its implementation (random-init FID-Inception; few images on CPU)."""
+    import math
+    import shutil
+    import sys
+
+    from fid_weights import save_random_fid_inception
+
+    ws = tmp_path / "ws"
+    shutil.copytree(built[0], ws, symlinks=True)
+    weights = save_random_fid_inception(tmp_path / "inception")
+    stats = ws / "data/fid_stats/patches32/stats.npz"
+    subprocess.run(
+        [sys.executable, "pipelines/fid_stats.py", "--dataset", "patches32", "--split", "train",
+         "--root", "data/prepared/patches32", "--out", str(stats), "--weights-path", str(weights),
+         "--batch-size", "8", "--max-images", "16"],
+        cwd=ws, env=harness.env(ws), check=True, capture_output=True, text=True,
+    )
+    harness.edit_params(ws, lambda p: p["fid"].update(weights_path=str(weights), num_samples=8,
+                                                       batch_size=8))
+    harness.dvc(ws, "repro", "--single-item", "fid@patches32-sdn-0")
+    record = json.loads((ws / "results/embedded/metrics/fid/patches32/sdn/seed0.json").read_text())
+    assert record["available"] is True and math.isfinite(record["value"]) and record["value"] > 0
+    assert record["fid"] == record["value"] and record["num_samples"] == 8
+    assert (record["implementation"], record["version"]) == ("torch-fidelity", "0.4.0")
+    assert record["feature_layer"] == "2048" and record["reference"] == "patches32/train (16 images)"
