@@ -266,6 +266,11 @@ def plot_curves(curves: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]], p
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
+    _save_figure(plt, fig, path)
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> None:
+    """Lay out, write a PNG (creating its folder) and release the figure."""
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -287,10 +292,7 @@ def plot_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: P
     ax.set_xticklabels(metrics, rotation=20)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 # -- the study report ------------------------------------------------------------------------------

@@ -33,16 +33,8 @@ def compute_sap(
     with more than about four values, so perfect representations score well below 1.
     """
     utils.factor_sizes(ground_truth_data)
-    num_train = utils.check_positive_int(num_train, "num_train", minimum=2)
-    num_test = utils.check_positive_int(num_test, "num_test")
-    batch_size = utils.check_positive_int(batch_size, "batch_size")
-    random_state = utils.make_random_state(seed)
-    codes, factors = utils.sample_codes_and_factors(
-        ground_truth_data, representation_fn, num_train, random_state, batch_size
-    )
-    utils.require_at_least(codes.shape[1], 2, "codes", "SAP")
-    codes_test, factors_test = utils.sample_codes_and_factors(
-        ground_truth_data, representation_fn, num_test, random_state, batch_size
+    codes, factors, codes_test, factors_test = utils.sample_train_test(
+        ground_truth_data, representation_fn, num_train, num_test, seed, batch_size, "SAP"
     )
     if continuous_factors:
         matrix = squared_correlation_matrix(codes, factors)

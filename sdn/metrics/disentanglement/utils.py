@@ -93,6 +93,31 @@ def sample_codes_and_factors(
     return np.concatenate(codes, axis=0), np.concatenate(factors, axis=0)
 
 
+def sample_train_test(
+    ground_truth_data: GroundTruthData,
+    representation_fn,
+    num_train: object,
+    num_test: object,
+    seed: object,
+    batch_size: object,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated counts, then (codes, factors) of a train and a test sample from one seeded stream,
+    for the metrics that fit a classifier on one and score it on the other (DCI, SAP)."""
+    num_train = check_positive_int(num_train, "num_train", minimum=2)
+    num_test = check_positive_int(num_test, "num_test")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    random_state = make_random_state(seed)
+    codes, factors = sample_codes_and_factors(
+        ground_truth_data, representation_fn, num_train, random_state, batch_size
+    )
+    require_at_least(codes.shape[1], 2, "codes", metric)
+    codes_test, factors_test = sample_codes_and_factors(
+        ground_truth_data, representation_fn, num_test, random_state, batch_size
+    )
+    return codes, factors, codes_test, factors_test
+
+
 def histogram_discretize(codes: np.ndarray, num_bins: int = 20) -> np.ndarray:
     """Map each code column to the index (1..num_bins) of its equal-width histogram bin.
 
