@@ -1,7 +1,8 @@
 """DVC stage ``evaluate_<family>@<dataset>-<model>-<seed>``: test metrics of one trained run.
 
 density: ELBO and importance-weighted bits/dim on the test split (K = ``eval.iw_samples``);
-disentanglement: BetaVAE, FactorVAE, MIG, DCI and SAP of the encoder mean (evaluation seed 0).
+disentanglement: BetaVAE, FactorVAE, MIG, DCI and SAP of the encoder mean (evaluation seed 0), and
+the number of active latent dimensions (Burda et al.: Cov_x(E_q[z_j]) > 0.01) on ``num_train`` samples.
 Writes a DVC metrics file and logs the metrics into the run's current MLflow run.
 """
 
@@ -39,7 +40,9 @@ def density_metrics(study: Study, run, model: torch.nn.Module, device: torch.dev
 
 
 def disentanglement_metrics(study: Study, run, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
-    """The five disentanglement metrics of the posterior mean, with the settings used."""
+    """The five disentanglement metrics of the posterior mean, with the settings used, and the
+    active-dimension count that tells a collapsed model from a disentangled one."""
+    from sdn.metrics.active_units import compute_active_units
     from sdn.metrics.disentanglement import compute_all
 
     def representation(images: np.ndarray) -> np.ndarray:
@@ -47,7 +50,11 @@ def disentanglement_metrics(study: Study, run, model: torch.nn.Module, device: t
             return model.encode_mean(torch.from_numpy(np.ascontiguousarray(images)).to(device)).cpu().numpy()
 
     cfg = dict(study.section("disentanglement", run.dataset)["metrics"])
-    return compute_all(study.ground_truth(run.dataset), representation, seed=EVAL_SEED, **cfg)
+    data = study.ground_truth(run.dataset)
+    scores = compute_all(data, representation, seed=EVAL_SEED, **cfg)
+    scores.update(compute_active_units(data, representation, seed=EVAL_SEED,
+                                       num_points=max(2, cfg.get("num_train", 10000))))
+    return scores
 
 
 def main(argv: list[str] | None = None) -> None:

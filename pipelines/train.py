@@ -28,6 +28,28 @@ from sdn.data.augment import RandomHFlip  # noqa: E402
 from sdn.training import train  # noqa: E402
 
 
+def validation_bpd_fn(study, run):
+    """``eval_fn`` of a density run: ELBO bits/dim of the whole validation split (one posterior
+    sample per image, the trainer fixes the seed), so the curve shows held-out progress."""
+    from sdn.data import DATASETS
+    from sdn.scores import evaluate_bpd
+    from torch.utils.data import DataLoader
+
+    splits = DATASETS[run.dataset].splits
+    if not {"validation", "test"} <= set(splits):
+        raise ValueError(f"{run.family}.{run.dataset}.train.eval_every is set, but {run.dataset} has no "
+                         f"validation split held out from its test split (splits: {list(splits)})")
+    loader = DataLoader(study.dataset(run.dataset, "validation"),
+                        batch_size=study.section(run.family, run.dataset)["eval"]["batch_size"])
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        scores = evaluate_bpd(model, loader, num_samples=1, seed=0, device=device, progress=False)
+        return {"elbo_bpd": float(scores["elbo_bpd"])}
+
+    return evaluate
+
+
 def main(argv: list[str] | None = None) -> None:
 
     study, run = run_from_cli(__doc__, argv)
@@ -65,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         callbacks = [CurveWriter(curve), MlflowCallback(tracker, run_id)]
     try:
-        result = train(model, dataset, train_config, checkpoint_dir, callbacks=callbacks, resume=True)
+        eval_fn = validation_bpd_fn(study, run) if train_config.eval_every and run.family == "density" else None
+        result = train(model, dataset, train_config, checkpoint_dir, callbacks=callbacks, resume=True,
+                       eval_fn=eval_fn)
     except BaseException:
         if tracker is not None:
             tracker.finish(run_id, "FAILED")

@@ -65,7 +65,8 @@ class CallbackList(Callback):
             callback.on_train_end(summary)
 
 
-DEFAULT_CURVE_COLUMNS = ("step", "loss", "bpd", "lr", "grad_norm")
+DEFAULT_CURVE_COLUMNS = ("step", "loss", "bpd", "lr", "grad_norm", "val_elbo_bpd")
+EVAL_PREFIX = "val_"  # evaluation metrics (``on_eval``) land in columns named val_<metric>
 
 
 class CurveWriter(Callback):
@@ -73,7 +74,8 @@ class CurveWriter(Callback):
 
     CSV/TSV have the fixed ``columns`` (missing metrics stay empty); JSON lines hold every metric.
     On resume, rows after the resumed step (written before the interruption) are dropped first, so
-    the file never repeats a step.
+    the file never repeats a step. Evaluations (``on_eval``) are rows of their own whose metrics
+    are named ``val_<metric>`` (e.g. ``val_elbo_bpd``), so one file holds both curves.
     """
 
     def __init__(self, path: str | os.PathLike[str], columns: Sequence[str] = DEFAULT_CURVE_COLUMNS) -> None:
@@ -100,6 +102,9 @@ class CurveWriter(Callback):
                 writer.writeheader()
                 writer.writerows(kept)
         os.replace(tmp, self.path)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.on_step_end(step, {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items()})
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         row: dict[str, Any] = {"step": step, **metrics}

@@ -459,6 +459,13 @@ def build_report(study: Any, paper: Mapping[str, Any], out_dir: Path, confidence
         plot_bars([r for r in rows if r["dataset"] == dataset], list(DENSITY_METRICS), figures / bars,
                   f"test bpd, {dataset} (± std over seeds)")
         index += [f"![training curves {dataset}](figures/{name})", f"![bpd {dataset}](figures/{bars})\n"]
+        held_out = {m: [_read_curve(r["curve"], "val_elbo_bpd") for r in dens
+                        if r["dataset"] == dataset and r["model"] == m] for m in study.models("density")}
+        if any(len(x) for seeds in held_out.values() for x, _ in seeds):
+            val_name = f"val_curves_{dataset}.png"
+            plot_curves(held_out, figures / val_name, f"validation ELBO bpd, {dataset} (mean, min–max over seeds)",
+                        ylabel="validation bpd")
+            index += [f"![validation curves {dataset}](figures/{val_name})\n"]
 
     # FID.
     frows = _fid_rows(dens)

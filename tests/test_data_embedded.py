@@ -42,31 +42,62 @@ def _load_independently(name: str) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
-def test_patches32_shapes_and_split_by_source(patch_sets):
-    train, test = patch_sets["train"], patch_sets["test"]
-    for split in (train, test):
+def _footprints(split, patch: int = 32):
+    """Per source: (boolean pixel mask of the photograph, summed area) covered by the split's patches."""
+    out = {}
+    for source, level, row, col in split.origins:
+        f = 2 ** int(level)
+        name = split.sources[source]
+        if name not in out:
+            out[name] = [np.zeros(_load_independently(name).shape[:2], dtype=bool), {}]
+        mask, area = out[name]
+        mask[row * f:(row + patch) * f, col * f:(col + patch) * f] = True
+        area[level] = area.get(level, 0) + (patch * f) ** 2
+    return out
+
+
+def test_patches32_shapes_sizes_and_every_source_in_every_split(patch_sets):
+    assert set(patch_sets) == {"train", "validation", "test"}
+    for split in patch_sets.values():
         assert split.images.dtype == np.uint8 and split.images.shape[1:] == (3, 32, 32)
         assert split.origins.shape == (len(split.images), 4)
-    train_sources = {train.sources[i] for i in np.unique(train.origins[:, 0])}
-    test_sources = {test.sources[i] for i in np.unique(test.origins[:, 0])}
-    assert test_sources == {"coffee", "flower", "grace_hopper"}
-    assert not train_sources & test_sources
-    assert len(train_sources) == 8
-    assert len(train.images) >= 5000 and len(test.images) >= 1500
-    # no test patch's bytes occur among the training patches
-    train_hashes = {hashlib.sha1(p.tobytes()).digest() for p in train.images}
-    assert not any(hashlib.sha1(p.tobytes()).digest() in train_hashes for p in test.images)
+        assert {split.sources[i] for i in np.unique(split.origins[:, 0])} == set(patches.SOURCES)
+    sizes = {k: len(v.images) for k, v in patch_sets.items()}
+    assert sizes == {"train": 4536, "validation": 651, "test": 651}  # docs/datasets.md states these
 
 
-def test_patches32_full_scale_patches_are_crops_of_their_photo(patch_sets):
+def test_patches32_no_pixel_in_two_splits_and_no_overlap_inside_a_split(patch_sets):
+    covered = {name: _footprints(split) for name, split in patch_sets.items()}
+    for source in patches.SOURCES:
+        masks = [covered[split][source][0] for split in covered]
+        assert not np.any(masks[0] & masks[1]) and not np.any(masks[0] & masks[2]) and not np.any(masks[1] & masks[2])
+        for split in covered:  # the patches of one level tile their regions without overlap
+            mask, area = covered[split][source]
+            for level, total in area.items():
+                assert total == mask.sum(), (split, source, level)
+
+
+def test_patches32_patches_are_crops_and_block_means_of_their_photo(patch_sets):
+    from skimage.transform import downscale_local_mean
+
     for split in ("train", "test"):
         data = patch_sets[split]
-        full = np.flatnonzero(data.origins[:, 1] == 0)
-        for i in full[:: max(1, len(full) // 25)]:
-            source, _, row, col = data.origins[i]
+        for i in range(0, len(data.images), max(1, len(data.images) // 40)):
+            source, level, row, col = data.origins[i]
             photo = _load_independently(data.sources[source])[..., :3]
-            crop = photo[row : row + 32, col : col + 32].transpose(2, 0, 1)
-            np.testing.assert_array_equal(data.images[i], crop)
+            f = 2 ** int(level)
+            window = photo[row * f:(row + 32) * f, col * f:(col + 32) * f].astype(float)
+            expected = np.rint(downscale_local_mean(window, (f, f, 1))).astype(np.uint8) if f > 1 else photo[
+                row:row + 32, col:col + 32]
+            np.testing.assert_array_equal(data.images[i], expected.transpose(2, 0, 1))
+
+
+def test_patches32_region_splits_counts_and_permutation():
+    labels = patches.region_splits(20, 0.1, 0.2, np.random.default_rng(0))
+    assert np.bincount(labels, minlength=3).tolist() == [14, 2, 4]
+    assert patches.region_splits(3, 0.01, 0.01, np.random.default_rng(0)).tolist().count(0) == 1
+    other = patches.region_splits(20, 0.1, 0.2, np.random.default_rng(1))
+    assert not np.array_equal(labels, other)
 
 
 def test_patches32_pyramid_is_block_mean_of_the_photo():
@@ -84,32 +115,39 @@ def test_patches32_pyramid_is_block_mean_of_the_photo():
 
 def test_patches32_deterministic_and_seeded(patch_sets):
     again = patches.build_patches32(progress=False)
-    for split in ("train", "test"):
+    for split in patch_sets:
         assert again[split].images.tobytes() == patch_sets[split].images.tobytes()
         np.testing.assert_array_equal(again[split].origins, patch_sets[split].origins)
-    other = patches.build_patches32(patches_per_scale=5, seed=1, progress=False)
-    first = patches.build_patches32(patches_per_scale=5, seed=0, progress=False)
-    assert not np.array_equal(other["train"].origins, first["train"].origins)
+    other = patches.build_patches32(seed=1, progress=False)
+    assert not np.array_equal(other["test"].origins, patch_sets["test"].origins)
+
+
+def test_patches32_other_sizes(patch_sets):
+    small = patches.build_patches32(patch_size=16, region=64, levels=2, progress=False)
+    assert small["train"].images.shape[1:] == (3, 16, 16)
+    assert set(np.unique(small["test"].origins[:, 1])) == {0, 1}
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        patches.build_patches32(patch_size=32, region=96, levels=3)
+    with pytest.raises(ValueError, match="test_fraction"):
+        patches.build_patches32(test_fraction=0.0)
 
 
 def test_patches32_get_dataset_and_cache_under_root(tmp_path):
-    options = {"patches_per_scale": 4, "seed": 3}
-    memory = get_dataset("patches32", "test", **options)
+    options = {"patch_size": 16, "region": 32, "levels": 1, "seed": 3}
+    memory = get_dataset("patches32", "validation", **options)
     image, factors = memory[0]
-    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
     assert factors.dtype == torch.int64 and factors.numel() == 0
-    cached = get_dataset("patches32", "test", root=tmp_path / "p", **options)
+    cached = get_dataset("patches32", "validation", root=tmp_path / "p", **options)
     assert (tmp_path / "p" / "sample_grid.png").is_file()
     assert len(cached) == len(memory)
     assert all(torch.equal(cached[i][0], memory[i][0]) for i in range(len(memory)))
     stamp = (tmp_path / "p" / "test_images.npy").stat().st_mtime_ns
-    explicit = {**options, "test_sources": ["coffee", "flower", "grace_hopper"]}  # the default
+    explicit = {**options, "test_fraction": 0.1}  # the default
     get_dataset("patches32", "train", root=tmp_path / "p", **explicit)
     assert (tmp_path / "p" / "test_images.npy").stat().st_mtime_ns == stamp  # not rebuilt
-    rebuilt = get_dataset("patches32", "test", root=tmp_path / "p", patches_per_scale=4, seed=4)
-    assert not torch.equal(rebuilt[0][0], memory[0][0])
-    with pytest.raises(ValueError, match="test_sources"):
-        patches.build_patches32(test_sources=("nope",))
+    rebuilt = get_dataset("patches32", "validation", root=tmp_path / "p", **{**options, "seed": 4})
+    assert len(rebuilt) == len(memory) and not all(torch.equal(rebuilt[i][0], memory[i][0]) for i in range(len(memory)))
 
 
 # ------------------------------------------------------------------------------ dsprites

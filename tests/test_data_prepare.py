@@ -228,7 +228,7 @@ def test_registry_errors(tmp_path):
         get_dataset("cifar100", "train")
     assert "patches32" in str(info.value)  # lists the known names
     with pytest.raises(ValueError, match="splits"):
-        get_dataset("patches32", "validation")
+        get_dataset("patches32", "valid")
     with pytest.raises(ValueError, match="root"):
         get_dataset("cifar10", "train")
     with pytest.raises(ValueError, match="no ground-truth factors"):

@@ -473,9 +473,11 @@ def test_curve_writer_formats(tmp_path):
         writer = CurveWriter(tmp_path / name)
         writer.on_train_start({"start_step": 0})
         writer.on_step_end(1, {"loss": 2.5, "bpd": 1.0, "lr": 0.1, "grad_norm": 3.0, "kl": 0.5})
+        writer.on_eval(1, {"elbo_bpd": 4.5})
     with (tmp_path / "c.csv").open() as handle:
         assert list(csv.DictReader(handle)) == [
-            {"step": "1", "loss": "2.5", "bpd": "1.0", "lr": "0.1", "grad_norm": "3.0"}]
+            {"step": "1", "loss": "2.5", "bpd": "1.0", "lr": "0.1", "grad_norm": "3.0", "val_elbo_bpd": ""},
+            {"step": "1", "loss": "", "bpd": "", "lr": "", "grad_norm": "", "val_elbo_bpd": "4.5"}]
     assert '"kl": 0.5' in (tmp_path / "c.jsonl").read_text()
     with pytest.raises(ValueError, match=".csv"):
         CurveWriter(tmp_path / "c.txt")

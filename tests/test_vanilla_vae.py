@@ -327,3 +327,24 @@ def test_objective_stays_float32_under_bf16_autocast():
     reference = model(images)
     # bf16 network outputs perturb the means slightly; the summed NLL must stay close (no bf16 sums).
     assert torch.allclose(out["recon"], reference["recon"], rtol=2e-2)
+
+
+@pytest.mark.parametrize("decoder", ["cnn", "sdn"])
+def test_initialisation_is_the_official_weights_init(decoder):
+    """Orthogonal conv / conv-transpose weights, N(0, 0.02) linear weights, zero biases."""
+    model = _tiny(decoder)
+    linear = []
+    for layer in model.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+            rows, cols = w.shape
+            gram = w @ w.T if rows <= cols else w.T @ w  # the smaller side is orthonormal
+            np.testing.assert_allclose(gram.numpy(), np.eye(min(rows, cols)), atol=1e-5)
+        elif isinstance(layer, torch.nn.Linear):
+            linear.append(layer.weight.detach().double().flatten())
+        else:
+            continue
+        if layer.bias is not None:
+            assert torch.count_nonzero(layer.bias) == 0
+    values = torch.cat(linear).numpy()
+    assert len(values) > 10000 and abs(values.mean()) < 1e-3 and abs(values.std() - 0.02) < 1e-3

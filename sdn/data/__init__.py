@@ -58,7 +58,7 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("celebahq256", ("train", "validation"), False, False, (3, 256, 256)),
         DatasetInfo("shapes3d", ("train",), False, True, (3, 64, 64)),
         DatasetInfo("dsprites", ("train",), False, True, (1, 64, 64)),
-        DatasetInfo("patches32", ("train", "test"), True, False, (3, 32, 32)),
+        DatasetInfo("patches32", ("train", "validation", "test"), True, False, (3, 32, 32)),
         DatasetInfo("dsprites_procedural", ("train",), True, True, (1, 64, 64)),
         DatasetInfo("shapes3d_procedural", ("train",), True, True, (3, 64, 64)),
     )
@@ -80,7 +80,8 @@ def get_dataset(
     """The ``split`` of dataset ``name`` as a torch Dataset of (uint8 image, int64 factors).
 
     Archived datasets need ``root`` = their prepare output directory and take no options.
-    Embedded ones take builder options (patches32: patches_per_scale, seed, test_sources;
+    Embedded ones take builder options (patches32: patch_size, region, levels, validation_fraction,
+    test_fraction, seed;
     dsprites_procedural / shapes3d_procedural: num, seed) and, with ``root``, are cached there.
     """
     info = _info(name, split)
@@ -112,12 +113,7 @@ def _built(name: str, options_json: str) -> dict[str, tuple[np.ndarray, np.ndarr
     """In-memory build of an embedded dataset (cached per process; arrays are read-only)."""
     options = json.loads(options_json)
     if name == "patches32":
-        built = patches.build_patches32(
-            options["patches_per_scale"],
-            options["seed"],
-            tuple(options["test_sources"]),
-            progress=False,
-        )
+        built = patches.build_patches32(**options, progress=False)
         result = {split: (data.images, None) for split, data in built.items()}
     else:
         module = dsprites_procedural if name == "dsprites_procedural" else shapes3d_procedural

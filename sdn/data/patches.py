@@ -1,12 +1,17 @@
-"""``patches32``: 32x32 RGB patches of the photographs that ship inside installed packages.
+"""``patches32``: square RGB patches of every photograph that ships inside installed packages.
 
 No network, deterministic, built in seconds: the default density dataset of the embedded study.
 Sources: scikit-image's ``skimage.data`` (astronaut, coffee, chelsea, rocket, hubble_deep_field,
 immunohistochemistry, retina, colorwheel; ``cat`` is the same picture as ``chelsea`` and is left
 out), scikit-learn's ``load_sample_images`` (china, flower) and matplotlib's ``grace_hopper.jpg``.
-Train and test are split BY SOURCE IMAGE, so no test photograph contributes a training patch.
-Each image is also downscaled by 2x2 block means (1/2, 1/4, 1/8) so patches see coarser structure;
-crops are uniform over positions with a NumPy generator seeded by (seed, image, scale).
+
+Train, validation and test come from the SAME distribution: every photograph is cut into a grid of
+square regions (``region`` pixels a side; the ragged right and bottom edges are dropped), and the
+regions of each photograph are dealt out to the splits by a seeded shuffle, in the proportions
+``validation_fraction`` / ``test_fraction`` / the rest (stratified per photograph, so every split
+sees every photograph). A region and its 2x2 block-mean halvings (``levels`` of them) give
+non-overlapping ``patch_size`` patches on an aligned grid, so no pixel of the photograph reaches two
+splits and no two patches of one split overlap.
 """
 
 from __future__ import annotations
@@ -17,10 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-PATCH = 32
-SCALES = (1.0, 0.5, 0.25, 0.125)
-MIN_SIDE = 40  # a scaled image must have at least this many pixels per side to be cropped
-DEFAULT_TEST_SOURCES = ("coffee", "flower", "grace_hopper")
+SPLITS = ("train", "validation", "test")
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -92,49 +94,76 @@ def pyramid(image: np.ndarray, levels: int) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class PatchSplit:
-    """Patches (N, 3, 32, 32) uint8 and where each came from: (source, scale index, row, col)."""
+    """Patches (N, 3, P, P) uint8 and where each came from: (source, level, row, col).
+
+    ``row``/``col`` are the patch's top-left corner in the source photograph halved ``level`` times.
+    """
 
     images: np.ndarray
     origins: np.ndarray  # int64 (N, 4)
     sources: tuple[str, ...]  # names indexed by origins[:, 0]
 
 
+def region_splits(num_regions: int, validation_fraction: float, test_fraction: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Split index (0 train, 1 validation, 2 test) of each of ``num_regions`` regions of one photo.
+
+    The counts are the rounded fractions (at least one validation and one test region whenever the
+    photograph has three or more); which regions go where is a seeded permutation.
+    """
+    n_val = int(round(validation_fraction * num_regions))
+    n_test = int(round(test_fraction * num_regions))
+    if num_regions >= 3:
+        n_val, n_test = max(n_val, 1 if validation_fraction > 0 else 0), max(n_test, 1 if test_fraction > 0 else 0)
+    labels = np.zeros(num_regions, dtype=np.int64)
+    order = rng.permutation(num_regions)
+    labels[order[:n_test]] = 2
+    labels[order[n_test:n_test + n_val]] = 1
+    return labels
+
+
 def build_patches32(
-    patches_per_scale: int = 200,
+    patch_size: int = 32,
+    region: int = 128,
+    levels: int = 3,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
     seed: int = 0,
-    test_sources: Sequence[str] = DEFAULT_TEST_SOURCES,
     progress: bool = True,
 ) -> dict[str, PatchSplit]:
-    """Build {"train": PatchSplit, "test": PatchSplit}; the same arguments give the same bytes."""
-    if patches_per_scale < 1:
-        raise ValueError(f"patches_per_scale must be >= 1, got {patches_per_scale}")
-    unknown = set(test_sources) - set(SOURCES)
-    if unknown or not test_sources or set(test_sources) == set(SOURCES):
-        raise ValueError(
-            f"test_sources must be a non-empty proper subset of {sorted(SOURCES)}, got {test_sources}"
-        )
+    """Build {"train", "validation", "test": PatchSplit}; the same arguments give the same bytes."""
+    if patch_size < 2 or region < patch_size or levels < 1:
+        raise ValueError(f"need patch_size >= 2, region >= patch_size, levels >= 1; got "
+                         f"patch_size={patch_size}, region={region}, levels={levels}")
+    if region % (patch_size * 2 ** (levels - 1)):
+        raise ValueError(f"region ({region}) must be a multiple of patch_size * 2**(levels - 1) "
+                         f"= {patch_size * 2 ** (levels - 1)}, so every level tiles it exactly")
+    if not (0 < validation_fraction and 0 < test_fraction and validation_fraction + test_fraction < 1):
+        raise ValueError(f"validation_fraction and test_fraction must be > 0 with a sum < 1, got "
+                         f"{validation_fraction} and {test_fraction}")
     names = tuple(SOURCES)
-    images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    origins: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    images: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    origins: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for source_index, name in enumerate(tqdm(names, desc="patches32", disable=not progress)):
-        split = "test" if name in test_sources else "train"
         photo = load_source(name)
-        for scale_index, picture in enumerate(pyramid(photo, len(SCALES))):
-            if min(picture.shape[:2]) < MIN_SIDE:
-                continue
-            height, width = picture.shape[:2]
-            rng = np.random.default_rng([seed, source_index, scale_index])
-            rows = rng.integers(0, height - PATCH + 1, size=patches_per_scale)
-            cols = rng.integers(0, width - PATCH + 1, size=patches_per_scale)
-            window = np.lib.stride_tricks.sliding_window_view(picture, (PATCH, PATCH), axis=(0, 1))
-            images[split].append(np.ascontiguousarray(window[rows, cols]))  # (n, 3, 32, 32)
-            origins[split].append(
-                np.stack(
-                    [np.full_like(rows, source_index), np.full_like(rows, scale_index), rows, cols],
-                    axis=1,
-                ).astype(np.int64)
-            )
+        grid_rows, grid_cols = photo.shape[0] // region, photo.shape[1] // region
+        rng = np.random.default_rng([seed, source_index])
+        labels = region_splits(grid_rows * grid_cols, validation_fraction, test_fraction, rng)
+        for index, split_index in enumerate(labels):
+            r0, c0 = divmod(index, grid_cols)
+            block = photo[r0 * region:(r0 + 1) * region, c0 * region:(c0 + 1) * region]
+            for level, picture in enumerate(pyramid(block, levels)):
+                side = region >> level
+                tiles = picture.reshape(side // patch_size, patch_size, side // patch_size, patch_size, 3)
+                tiles = tiles.transpose(0, 2, 4, 1, 3).reshape(-1, 3, patch_size, patch_size)
+                rows, cols = np.divmod(np.arange(len(tiles)), side // patch_size)
+                split = SPLITS[split_index]
+                images[split].append(np.ascontiguousarray(tiles))
+                origins[split].append(np.stack([
+                    np.full_like(rows, source_index), np.full_like(rows, level),
+                    r0 * side + rows * patch_size, c0 * side + cols * patch_size,
+                ], axis=1).astype(np.int64))
     return {
         split: PatchSplit(np.concatenate(images[split]), np.concatenate(origins[split]), names)
-        for split in ("train", "test")
+        for split in SPLITS
     }

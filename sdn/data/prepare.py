@@ -56,9 +56,12 @@ ARCHIVED_OPTIONS = {"shapes3d": {"chunk"}, "dsprites": {"chunk"}}  # rows conver
 # Options of the embedded builders and their defaults (meta.json records the merged options).
 EMBEDDED_DEFAULTS: dict[str, dict[str, Any]] = {
     "patches32": {
-        "patches_per_scale": 200,
+        "patch_size": 32,
+        "region": 128,
+        "levels": 3,
+        "validation_fraction": 0.1,
+        "test_fraction": 0.1,
         "seed": 0,
-        "test_sources": list(patches.DEFAULT_TEST_SOURCES),
     },
     "dsprites_procedural": {"num": 10000, "seed": 0},
     "shapes3d_procedural": {"num": 10000, "seed": 0},
@@ -309,21 +312,16 @@ def _factor_meta(num, image_shape, names, sizes, values) -> dict[str, Any]:
 # ------------------------------------------------------------------------- embedded data
 
 
-def _build_patches32(
-    out: Path,
-    progress: bool,
-    patches_per_scale: int = 200,
-    seed: int = 0,
-    test_sources: list[str] | tuple[str, ...] = patches.DEFAULT_TEST_SOURCES,
-) -> dict[str, Any]:
-    built = patches.build_patches32(patches_per_scale, seed, tuple(test_sources), progress)
+def _build_patches32(out: Path, progress: bool, **options: Any) -> dict[str, Any]:
+    """Every split of patches32 (options: ``sdn.data.patches.build_patches32``) with its origins."""
+    built = patches.build_patches32(**options, progress=progress)
     splits = {}
     for split, data in built.items():
         np.save(image_path(out, split), data.images)
         np.save(Path(out) / f"{split}_origins.npy", data.origins)
         used = sorted({data.sources[i] for i in np.unique(data.origins[:, 0])})
         splits[split] = {**split_meta(data.images), "sources": used}
-    return {"splits": splits, "scales": list(patches.SCALES)}
+    return {"splits": splits, "split_rule": "disjoint regions of every photograph, dealt out per photograph"}
 
 
 def _build_procedural(

@@ -133,6 +133,7 @@ class VanillaVAE(nn.Module):
         self.likelihood = build_likelihood(config.likelihood)
         self.encoder = _encoder(config.channels, config.z_dim)
         self.decoder = _decoder(config, decoder == "sdn", config.channels * self.likelihood.params_per_channel)
+        official_init(self)
         # Training steps taken; drives beta annealing and is saved in the state_dict for exact resume.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._dims = config.channels * IMAGE_SIZE * IMAGE_SIZE
@@ -221,6 +222,20 @@ class VanillaVAE(nn.Module):
         if not pixel_noise:
             return self.likelihood.mode(params)
         return self.likelihood.sample(params.to(gen_device), generator=generator).to(device)
+
+
+def official_init(module: nn.Module) -> None:
+    """The official code's ``weights_init``: orthogonal Conv2d/ConvTranspose2d weights, N(0, 0.02)
+    Linear weights, zero biases (the SDN layer's own GRU cell keeps its initialisation)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.orthogonal_(layer.weight)
+        elif isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, 0.02)
+        else:
+            continue
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
 
 def build_vanilla_vae(config: VAEConfig, decoder: str = "cnn") -> VanillaVAE:
