@@ -11,7 +11,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 # Stage commands call `python`: DVC must see the venv first on PATH.
 DVC_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: setup repro repro-paper test test-fast ui bench clean
+.PHONY: setup repro repro-paper compare test test-fast ui bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 
 repro: setup
 	$(DVC_ENV) $(VENV)/bin/dvc repro
+
+# A rerun's metrics against the committed study (HEAD), within a tolerance: exit 1 beyond it.
+compare: setup
+	$(DVC_ENV) $(PY) pipelines/compare.py
 
 # The paper study: the same dvc.yaml with params-paper.yaml as params.yaml
 # (`git checkout params.yaml` returns to the embedded study).

@@ -11,7 +11,7 @@ Reads the section ``data.<NAME>`` of the params file::
         out: data/prepared/cifar10           # required: the prepared directory (stage output)
       patches32:                             # embedded: patches32, dsprites_procedural,
         out: data/prepared/patches32         #   shapes3d_procedural (no archive, no url)
-        options: {patches_per_scale: 200, seed: 0, test_sources: [coffee, flower, grace_hopper]}
+        options: {patch_size: 16, region: 64, levels: 3, validation_fraction: 0.005, test_fraction: 0.005}
       dsprites_procedural:
         out: data/prepared/dsprites_procedural
         options: {num: 10000, seed: 0}

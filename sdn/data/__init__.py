@@ -24,7 +24,7 @@ from sdn.data import dsprites_procedural, patches, shapes3d_procedural
 from sdn.data.download import DownloadError, download
 from sdn.data.factor_grid import FactorGridData
 from sdn.data.ground_truth import GroundTruthData
-from sdn.data.prepare import embedded_options, prepare
+from sdn.data.prepare import embedded_options, prepare, rendered_grid
 from sdn.data.storage import ArrayImages, PreparedImages, factors_path, image_path, read_meta
 
 __all__ = [
@@ -82,7 +82,8 @@ def get_dataset(
     Archived datasets need ``root`` = their prepare output directory and take no options.
     Embedded ones take builder options (patches32: patch_size, region, levels, validation_fraction,
     test_fraction, seed;
-    dsprites_procedural / shapes3d_procedural: num, seed) and, with ``root``, are cached there.
+    dsprites_procedural / shapes3d_procedural: num, seed; ``num=None`` is the whole factor grid,
+    rendered on demand) and, with ``root``, are cached there.
     """
     info = _info(name, split)
     if not info.embedded:
@@ -94,6 +95,8 @@ def get_dataset(
             raise ValueError(f"{name} takes no options, got {sorted(options)}")
         return _prepared(name, root, split)
     options = embedded_options(name, options)
+    if options.get("num", 0) is None:  # the whole factor grid, rendered on demand
+        return rendered_grid(name)
     if root is not None:
         prepare(name, root, progress=False, **options)  # no-op when already built with these options
         return _prepared(name, root, split)

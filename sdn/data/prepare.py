@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from sdn.data import dsprites_procedural, glow, patches, shapes3d_procedural
 from sdn.data.factor_grid import factor_indices, grid_lookup
 from sdn.data.hashing import file_digests
+from sdn.data.rendered import RenderedGrid
 from sdn.data.storage import (
     GRID,
     atomic_output_dir,
@@ -134,10 +136,16 @@ def prepare(
             body = _build_procedural(name, tmp, progress, **options)
         meta = {"name": name, "source": provenance, "options": options, **body}
         write_meta(tmp, meta)
-        grid_images = np.load(image_path(tmp, "train"), mmap_mode="r")
-        spread = np.unique(np.linspace(0, len(grid_images) - 1, 64).astype(np.int64))
-        save_sample_grid(grid_images[spread], tmp / GRID)
-        del grid_images
+        if image_path(tmp, "train").is_file():
+            grid_images = np.load(image_path(tmp, "train"), mmap_mode="r")
+            spread = np.unique(np.linspace(0, len(grid_images) - 1, 64).astype(np.int64))
+            save_sample_grid(grid_images[spread], tmp / GRID)
+            del grid_images
+        else:  # rendered on demand: the grid of a seeded sample of grid points
+            grid = rendered_grid(name)
+            picks = np.random.default_rng(options["seed"]).choice(len(grid), 64, replace=False)
+            save_sample_grid(torch.stack([image for image, _ in grid.__getitems__(picks)]).numpy(),
+                             tmp / GRID)
     return read_meta(out)
 
 
@@ -324,10 +332,17 @@ def _build_patches32(out: Path, progress: bool, **options: Any) -> dict[str, Any
     return {"splits": splits, "split_rule": "disjoint regions of every photograph, dealt out per photograph"}
 
 
+def rendered_grid(name: str) -> RenderedGrid:
+    """The whole factor grid of procedural dataset ``name``, rendered on demand."""
+    module = dsprites_procedural if name == "dsprites_procedural" else shapes3d_procedural
+    return RenderedGrid(module.FACTOR_SIZES, module.render_factors)
+
+
 def _build_procedural(
-    name: str, out: Path, progress: bool, num: int = 10000, seed: int = 0
+    name: str, out: Path, progress: bool, num: int | None = 10000, seed: int = 0
 ) -> dict[str, Any]:
-    """A seeded subsample of ``num`` grid points of a rendered factor dataset."""
+    """A seeded subsample of ``num`` grid points of a rendered factor dataset; ``num=None``: the
+    whole grid, rendered on demand when read (only meta.json and the sample grid are written)."""
     if name == "dsprites_procedural":
         module, names = dsprites_procedural, DSPRITES_FACTORS
         values = [
@@ -347,6 +362,11 @@ def _build_procedural(
             np.arange(4),
             shapes3d_procedural.ORIENTATIONS_DEG,
         ]
+    if num is None:
+        shape = list(module.render_factors(np.zeros((1, len(names)), np.int64)).shape[1:])
+        meta = _factor_meta(int(np.prod(module.FACTOR_SIZES)), shape, names, module.FACTOR_SIZES, values)
+        meta["splits"]["train"]["rendered_on_demand"] = True
+        return meta
     factors = module.subsample_factors(num, seed)
     images = module.render_factors(factors, progress)
     np.save(image_path(out, "train"), images)

@@ -6,6 +6,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 
 def subsample_grid(sizes: Sequence[int], num: int, seed: int) -> np.ndarray:
@@ -92,3 +94,34 @@ class RenderedFactorData:
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         return out
+
+
+class RenderedGrid(Dataset):
+    """Every point of a factor grid as a dataset, rendered on demand (nothing is stored).
+
+    Item i is (uint8 (C, H, W), int64 (K,)): the image and factor indices of the i-th grid point in
+    C order, the same items a stored full grid would hold. Batches are rendered in one vectorised
+    call (``__getitems__``, which torch's DataLoader uses), so training can sample the whole grid.
+    """
+
+    def __init__(self, factor_sizes: Sequence[int], render_fn: Callable[[np.ndarray], np.ndarray]):
+        self.factor_sizes = tuple(int(s) for s in factor_sizes)
+        self._render = render_fn
+
+    def __len__(self) -> int:
+        return int(np.prod(self.factor_sizes))
+
+    def factors(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Factor indices int64 (N, K) of grid points ``indices`` (C order, last factor fastest)."""
+        flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if ((flat < 0) | (flat >= len(self))).any():
+            raise IndexError(f"grid index out of range 0..{len(self) - 1}")
+        return np.stack(np.unravel_index(flat, self.factor_sizes), axis=1).astype(np.int64)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        factors = self.factors(indices)
+        images = self._render(factors)
+        return [(torch.from_numpy(images[k]), torch.from_numpy(factors[k])) for k in range(len(factors))]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([index])[0]
