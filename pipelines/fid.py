@@ -1,4 +1,4 @@
-"""DVC stage ``fid@<dataset>-<model>-<seed>``: FID of one trained density model's samples.
+"""DVC stage ``fid@<dataset>-<model>``: FID of the samples of every trained seed of one density model.
 
 Without Inception weights (``fid.weights_path: null``) or reference statistics, the metrics file
 says n/a with the reason instead of failing; the implementation, version, sample count and
@@ -16,12 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch  # noqa: E402
 
 from sdn.metrics.fid import compute_model_fid  # noqa: E402
-from pipelines.study import run_from_cli  # noqa: E402
+from pipelines.study import Run, Study, run_stage  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
-
-    study, run = run_from_cli(__doc__, argv, family="density")
+def fid_run(study: Study, run: Run) -> None:
+    """FID of ``run``'s samples (or n/a with the reason), written and logged."""
     paths = study.paths(run)
     fid_cfg = study.params["fid"]
     temperature = float(study.section("density", run.dataset)["samples"]["temperature"])
@@ -51,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
         tracker.log_metrics(run_id, {"fid": result.value})
     tracker.log_artifact(run_id, paths.fid_metrics, "metrics", name="fid.json")
     tracker.finish(run_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, __file__, fid_run, argv, family="density")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+import subprocess
+import sys
+import time
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import yaml
 
@@ -26,7 +30,7 @@ SAMPLE_KEYS = {"num": int, "temperature": float}
 FID_KEYS = {"weights_path": str, "num_samples": int, "batch_size": int}
 REPORT_KEYS = {"dir": str, "confidence": float}
 DISENTANGLEMENT_METRIC_KEYS = {"num_train": Optional[int], "num_eval": Optional[int], "batch_size": int,
-                               "metrics": list[str]}
+                               "encode_batch_size": Optional[int], "metrics": list[str]}
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -170,8 +174,9 @@ class Run:
 
     @property
     def stage_suffix(self) -> str:
-        """The DVC matrix suffix of this run's stages (``dataset-model-seed``)."""
-        return f"{self.dataset}-{self.model}-{self.seed}"
+        """The DVC matrix suffix of this run's stages (``dataset-model``: one stage per model
+        trains, evaluates or scores every seed)."""
+        return f"{self.dataset}-{self.model}"
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,7 @@ class RunPaths:
 
     model_dir: Path  # trainer checkpoint + final eval weights (DVC cache)
     samples: Path  # sample grid PNG (DVC cache)
+    reconstructions: Path  # inputs above their reconstructions, PNG (DVC cache; VAE runs)
     train_metrics: Path  # DVC metrics (git)
     curve: Path  # DVC plots (git)
     eval_metrics: Path
@@ -210,6 +216,16 @@ class Study:
     def seeds(self) -> list[int]:
         return list(self.params["study"]["seeds"])
 
+    @property
+    def runs_at_once(self) -> int:
+        """How many runs (seeds) of one stage execute side by side, each in its own process."""
+        return int(self.params["study"]["runs_at_once"])
+
+    @property
+    def threads_per_run(self) -> Optional[int]:
+        """torch threads of each run (None: torch's default, every core)."""
+        return self.params["study"]["threads_per_run"]
+
     def datasets(self, family: str) -> list[str]:
         return list(self.params["study"][family]["datasets"])
 
@@ -227,6 +243,7 @@ class Study:
         return RunPaths(
             model_dir=base / "models" / rel / seed,
             samples=base / "samples" / rel / f"{seed}.png",
+            reconstructions=base / "samples" / rel / f"{seed}_reconstructions.png",
             train_metrics=base / "metrics" / "train" / rel / f"{seed}.json",
             curve=base / "curves" / rel / f"{seed}.csv",
             eval_metrics=base / "metrics" / "eval" / rel / f"{seed}.json",
@@ -343,8 +360,16 @@ def validate(params: Mapping[str, Any]) -> Study:
     if not isinstance(params, Mapping):
         raise StudyError(f"params must be a mapping, got {type(params).__name__}")
     study = _get(params, "", "study")
-    check_mapping("study", study, {"name": str, "launcher": str, "seeds": list[int], "downloads": list[str],
+    check_mapping("study", study, {"name": str, "launcher": str, "seeds": list[int], "runs_at_once": int,
+                                   "threads_per_run": Optional[int], "downloads": list[str],
                                    "embedded": list[str], "density": Mapping, "disentanglement": Mapping})
+    if study["runs_at_once"] < 1:
+        raise StudyError(f"study.runs_at_once must be an int >= 1, got {study['runs_at_once']!r}")
+    if study["runs_at_once"] > 1 and study["launcher"] != "python":
+        raise StudyError("study.runs_at_once > 1 runs seeds as separate single-process runs; with "
+                         f"study.launcher {study['launcher']!r} (one run across processes) set it to 1")
+    if study["threads_per_run"] is not None and study["threads_per_run"] < 1:
+        raise StudyError(f"study.threads_per_run must be null or an int >= 1, got {study['threads_per_run']!r}")
     if not _NAME.match(study["name"]):
         raise StudyError(f"study.name must match {_NAME.pattern}, got {study['name']!r}")
     seeds = study["seeds"]
@@ -402,8 +427,11 @@ def validate(params: Mapping[str, Any]) -> Study:
         for dataset in study[family]["datasets"]:
             path = f"{family}.{dataset}"
             sec = _get(_get(params, "", family), family, dataset)
-            check_mapping(path, sec, {"config": str, "overrides": Mapping, "models": Mapping, "train": Mapping,
-                                      "samples": Mapping, **extra})
+            check_mapping(path, {k: v for k, v in sec.items() if k != "tuned"} if isinstance(sec, Mapping) else sec,
+                          {"config": str, "overrides": Mapping, "models": Mapping, "train": Mapping,
+                           "samples": Mapping, **extra})
+            if "tuned" in sec:  # optional: what was chosen on validation data, listed by the report
+                check_value(f"{path}.tuned", sec["tuned"], list[str])
             if sec["config"] not in configs:
                 raise StudyError(f"{path}.config: unknown config {sec['config']!r}; allowed: {sorted(configs)}")
             check_mapping(f"{path}.overrides", sec["overrides"], schema, required=False)
@@ -449,20 +477,66 @@ def dataset_params(params_path: str | Path, name: str) -> dict[str, Any]:
     return section
 
 
-def run_from_cli(description: str, argv: list[str] | None = None,
-                 family: str | None = None) -> tuple["Study", Run]:
-    """Parse a per-run stage's ``--family --dataset --model --seed --params`` (no ``--family`` when
-    the stage fixes it), validate the whole study, and return it with the stage's run."""
+def run_stage(description: str, script: str | Path, run_one: "Callable[[Study, Run], None]",
+              argv: list[str] | None = None, family: str | None = None) -> None:
+    """The CLI of a per-model stage: ``--family --dataset --model [--seed] [--params]``.
+
+    Validates the whole study, then calls ``run_one(study, run)`` for the stage's runs: the one
+    ``--seed``, or every seed of the study. ``study.runs_at_once`` > 1 runs the seeds side by side,
+    each as ``script --seed s`` in its own process with ``study.threads_per_run`` threads (two
+    one-thread runs use two cores best: benchmarks/parallelism.py); otherwise they run one after the
+    other in this process (so a ``torchrun`` launcher spans every seed). A failed seed does not stop
+    the others; the stage then fails naming it.
+    """
     parser = argparse.ArgumentParser(description=description)
     if family is None:
         parser.add_argument("--family", required=True, choices=FAMILIES)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=int, help="run this seed only (default: every seed of the study)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     study = load_study(args.params)  # everything is validated before anything runs
-    return study, study.find_run(family or args.family, args.dataset, args.model, args.seed)
+    seeds = study.seeds if args.seed is None else [args.seed]
+    runs = [study.find_run(family or args.family, args.dataset, args.model, seed) for seed in seeds]
+    if len(runs) == 1 or study.runs_at_once == 1:
+        if study.threads_per_run is not None:
+            import torch
+
+            torch.set_num_threads(study.threads_per_run)
+        for run in runs:
+            run_one(study, run)
+        return
+    from sdn.tracking import Tracker
+
+    Tracker(study.experiment)  # create (and migrate) the store once, before the runs race to do it
+    base = [sys.executable, str(script), "--dataset", args.dataset, "--model", args.model, "--params", args.params]
+    if family is None:
+        base += ["--family", args.family]
+    failed = run_side_by_side({run.seed: [*base, "--seed", str(run.seed)] for run in runs},
+                              study.runs_at_once, study.threads_per_run)
+    if failed:
+        raise SystemExit(f"{Path(script).stem} {args.dataset} {args.model}: seed(s) {failed} failed (see above)")
+
+
+def run_side_by_side(commands: Mapping[int, list[str]], at_once: int, threads: Optional[int]) -> list[int]:
+    """Run ``commands`` (key -> argv), ``at_once`` at a time, each limited to ``threads`` threads;
+    return the keys of those that failed."""
+    env = dict(os.environ)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    pending, running, failed = list(commands.items()), {}, []
+    while pending or running:
+        while pending and len(running) < at_once:
+            key, argv = pending.pop(0)
+            running[key] = subprocess.Popen(argv, env=env)
+        time.sleep(0.2)
+        for key, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[key]
+                if proc.returncode != 0:
+                    failed.append(key)
+    return sorted(failed)
 
 
 def load_study(path: str | Path = "params.yaml") -> Study:

@@ -1,8 +1,9 @@
-"""DVC stage ``train_<family>@<dataset>-<model>-<seed>``: train one run of the study.
+"""DVC stage ``train_<family>@<dataset>-<model>``: train every seed of one model (or ``--seed``).
 
-Writes the trainer checkpoint and the weights evaluation uses, a sample grid, the training curve
-(DVC plots) and a metrics file, and logs all of it to a new MLflow run marked current.
-Works unchanged under ``torchrun`` (every rank trains; rank 0 writes files and tracks).
+Per run: the trainer checkpoint and the weights evaluation uses, a sample grid (and, for VAEs,
+reconstructions), the training curve (DVC plots) and a metrics file, all logged to a new MLflow run
+marked current. Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works
+unchanged under ``torchrun`` (every rank trains; rank 0 writes files and tracks).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sdn.callbacks import CurveWriter  # noqa: E402
 from sdn.checkpoint import remove_other_checkpoints, run_checkpoint_dir  # noqa: E402
 from sdn.configs import count_parameters  # noqa: E402
 from sdn.seeding import make_generator, seed_everything  # noqa: E402
-from pipelines.study import run_from_cli  # noqa: E402
+from pipelines.study import Run, Study, run_stage  # noqa: E402
 from sdn.data.augment import RandomHFlip  # noqa: E402
 from sdn.training import train  # noqa: E402
 
@@ -50,9 +51,23 @@ def validation_bpd_fn(study, run):
     return evaluate
 
 
-def main(argv: list[str] | None = None) -> None:
+RECONSTRUCTED = 8  # inputs shown above their reconstructions (the same grid points for every run)
 
-    study, run = run_from_cli(__doc__, argv)
+
+def save_reconstructions(model: torch.nn.Module, dataset, path: Path) -> None:
+    """Write ``RECONSTRUCTED`` training inputs (top row) above their decoded posterior means (bottom
+    row); the inputs are a fixed draw of the dataset, so runs can be compared image by image."""
+    import numpy as np
+
+    indices = np.random.default_rng(0).choice(len(dataset), RECONSTRUCTED, replace=False)
+    inputs = torch.stack([dataset[int(i)][0] for i in indices])
+    recons = model.reconstruct(inputs)
+    torchvision.utils.save_image(torch.cat([inputs, recons]).float() / 255.0, path, nrow=RECONSTRUCTED,
+                                 padding=1)
+
+
+def train_run(study: Study, run: Run) -> None:
+    """Train (or resume, or just re-export a finished) ``run`` and write its outputs."""
     paths = study.paths(run)
     rank = int(os.environ.get("RANK", "0"))
 
@@ -106,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                                      generator=make_generator(run.seed))
     nrow = max(1, int(round(samples_cfg["num"] ** 0.5)))
     torchvision.utils.save_image(images.float() / 255.0, paths.samples, nrow=nrow, padding=1)
+    if run.family == "disentanglement":
+        save_reconstructions(eval_model, study.dataset(run.dataset, "train"), paths.reconstructions)
 
     final = {f"train_{k}": float(v) for k, v in result.metrics.items()}
     metrics = {"num_params": num_params, "steps": result.steps, **final}
@@ -117,9 +134,15 @@ def main(argv: list[str] | None = None) -> None:
         resolved.write_text(json.dumps(study.resolved(run), indent=2, default=str) + "\n")
         tracker.log_artifact(run_id, resolved)
     tracker.log_artifact(run_id, paths.samples, name="samples.png")
+    if run.family == "disentanglement":
+        tracker.log_artifact(run_id, paths.reconstructions, name="reconstructions.png")
     tracker.log_artifact(run_id, paths.train_metrics, "metrics", name="train.json")
     tracker.log_artifact(run_id, paths.curve, "metrics", name="train_curve.csv")
     tracker.finish(run_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, __file__, train_run, argv)
 
 
 if __name__ == "__main__":

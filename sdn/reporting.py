@@ -335,7 +335,7 @@ def collect_records(study: Any) -> list[dict[str, Any]]:
         records.append({
             "family": run.family, "dataset": run.dataset, "model": run.model, "seed": run.seed,
             "num_params": train.get("num_params"), "train": train, "metrics": metrics, "fid": fid,
-            "curve": paths.curve, "samples": paths.samples,
+            "curve": paths.curve, "samples": paths.samples, "reconstructions": paths.reconstructions,
         })
     return records
 
@@ -374,9 +374,15 @@ def reductions(study: Any) -> list[str]:
         if dataset != "shapes3d" or sec["config"] != "shapes3d":
             out.append(f"disentanglement on `{dataset}` with VAE config `{sec['config']}` (paper: 3DShapes, `shapes3d`)")
         m = sec["metrics"]
-        if m.get("num_train", 10000) < 10000 or m.get("num_eval", 5000) < 5000:
+        if (m.get("num_train") or 10000) < 10000 or (m.get("num_eval") or 5000) < 5000:
             out.append(f"`{dataset}`: metrics with num_train={m.get('num_train')}, num_eval={m.get('num_eval')} "
                        "(disentanglement_lib: 10000 / 5000)")
+        if m.get("batch_size", 64) < 64:
+            out.append(f"`{dataset}`: BetaVAE / FactorVAE average {m['batch_size']} observations per point "
+                       "(disentanglement_lib: 64)")
+        skipped = [name for name in ("beta_vae", "factor_vae", "mig", "dci", "sap") if name not in m.get("metrics", [name])]
+        if skipped:
+            out.append(f"`{dataset}`: not computed: {', '.join(skipped)} (disentanglement.{dataset}.metrics.metrics)")
     n = study.params["fid"]["num_samples"]
     if n < PAPER_FID_SAMPLES:
         out.append(f"FID from {n} samples (paper convention: {PAPER_FID_SAMPLES})")
@@ -508,7 +514,7 @@ def build_report(study: Any, paper: Mapping[str, Any], out_dir: Path, confidence
         plot_curves(curves, figures / name, f"training bpd (negative ELBO), {dataset}")
         index.append(f"![training curves {dataset}](figures/{name})\n")
 
-    # Samples.
+    # Samples and reconstructions.
     index.append("## Samples (lowest seed of each model)\n")
     for family in ("density", "disentanglement"):
         for dataset in study.datasets(family):
@@ -518,19 +524,30 @@ def build_report(study: Any, paper: Mapping[str, Any], out_dir: Path, confidence
                 name = f"samples_{dataset}_{model}.png"
                 if _samples_mosaic([r["samples"] for r in seeds], figures / name):
                     index.append(f"**{dataset} / {model}**\n\n![samples {dataset} {model}](figures/{name})\n")
+                recon = f"reconstructions_{dataset}_{model}.png"
+                if _samples_mosaic([r["reconstructions"] for r in seeds], figures / recon):
+                    index.append(f"Reconstructions (top: inputs, bottom: decoded posterior means):\n\n"
+                                 f"![reconstructions {dataset} {model}](figures/{recon})\n")
 
     # Configuration, versions, reductions.
     index.append("## Configuration\n")
-    index.append(f"- study `{study.name}`, seeds {study.seeds}, MLflow experiment `{study.experiment}`")
+    index.append(f"- study `{study.name}`, seeds {study.seeds} ({study.runs_at_once} at a time, "
+                 f"{study.threads_per_run or 'default'} thread(s) each), MLflow experiment `{study.experiment}`")
     for family in ("density", "disentanglement"):
         for dataset in study.datasets(family):
             sec = study.section(family, dataset)
             train = study.train_config(family, dataset, study.seeds[0], study.models(family)[0])
             index.append(f"- {family} `{dataset}`: config `{sec['config']}`, models {study.models(family)}, "
-                         f"{train.steps} steps, global batch {train.batch_size}, lr {train.lr}")
+                         f"{train.steps} steps, global batch {train.batch_size}, lr {train.lr} ({train.lr_schedule})")
     fid = study.params["fid"]
     index.append(f"- FID: {fid['num_samples']} samples, weights "
                  f"{'`' + fid['weights_path'] + '`' if fid['weights_path'] else 'none (FID n/a)'}\n")
+    tuned = [(f"{family} `{dataset}`", line) for family in ("density", "disentanglement")
+             for dataset in study.datasets(family) for line in study.section(family, dataset).get("tuned", [])]
+    if tuned:
+        index.append("## Chosen before this run, never on test data\n")
+        index += [f"- {where}: {line}" for where, line in tuned]
+        index.append("")
     index.append("## Versions\n")
     index += [f"- {k} {v}" for k, v in package_versions().items()]
     index.append("\n## Reduced from the paper\n")
@@ -542,25 +559,62 @@ def build_report(study: Any, paper: Mapping[str, Any], out_dir: Path, confidence
     return written
 
 
+PLATEAU_TOLERANCE = 0.05  # bpd: |validation bpd at the last step − at 75 % of the steps| at a plateau
+MAX_TRAIN_TEST_GAP = 0.3  # bpd: |train − test ELBO| beyond this is over- or under-fitting
+
+
+def _plateau_change(curve: Path) -> tuple[Optional[float], Optional[float]]:
+    """(validation bpd at the last step, its change since the evaluation at 75 % of the steps)."""
+    steps, val = _read_curve(curve, "val_elbo_bpd")
+    if not len(steps):
+        return None, None
+    at = min(int(np.searchsorted(steps, 0.75 * steps[-1])), len(val) - 1)
+    return float(val[-1]), float(val[-1] - val[at])
+
+
 def run_checks(dens: Sequence[Mapping[str, Any]], dis: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per run: validation-bpd change over the last quarter of training, train − test gap, active dims."""
+    """Per run: has training reached its plateau, is the train − test gap small, is the VAE alive?
+
+    ``failed`` lists the checks a run does not pass (empty: all passed); a check whose input is
+    missing is reported as such rather than passed.
+    """
+    from sdn.claims import MIN_ACTIVE_DIMS
+
     rows = []
     for r in dens:
-        steps, val = _read_curve(r["curve"], "val_elbo_bpd")
-        change = None
-        if len(steps):
-            at = int(np.searchsorted(steps, 0.75 * steps[-1]))
-            change = float(val[-1] - val[min(at, len(val) - 1)])
-        test, train = r["metrics"].get("elbo_bpd"), r.get("train", {}).get("train_bpd")
+        val_final, change = _plateau_change(r["curve"])
+        test, train = r["metrics"].get("elbo_bpd"), r["metrics"].get("train_elbo_bpd")
         gap = float(train - test) if isinstance(test, float) and isinstance(train, float) else None
+        failed = []
+        if change is None:
+            failed.append("no validation curve")
+        elif abs(change) > PLATEAU_TOLERANCE:
+            failed.append(f"not at plateau (validation bpd changed {change:+.3f} over the last quarter)")
+        if gap is None:
+            failed.append("no train − test gap")
+        elif abs(gap) > MAX_TRAIN_TEST_GAP:
+            failed.append(f"train − test gap {gap:+.3f} bpd")
         rows.append({"dataset": r["dataset"], "model": r["model"], "seed": r["seed"],
-                     "val_change_last_quarter": change, "train_minus_test_bpd": gap,
-                     "test_iw_bpd": r["metrics"].get("iw_bpd"), "active_dims": None})
+                     "val_bpd_final": val_final, "val_change_last_quarter": change,
+                     "train_elbo_bpd": train, "test_elbo_bpd": test, "train_minus_test_bpd": gap,
+                     "test_iw_bpd": r["metrics"].get("iw_bpd"), "active_dims": None, "failed": "; ".join(failed)})
     for r in dis:
-        rows.append({"dataset": r["dataset"], "model": r["model"], "seed": r["seed"],
-                     "val_change_last_quarter": None, "train_minus_test_bpd": None, "test_iw_bpd": None,
-                     "active_dims": r["metrics"].get("active_units.count")})
+        active = r["metrics"].get("active_units.count")
+        failed = []
+        if active is None:
+            failed.append("no active-dimension count")
+        elif active < MIN_ACTIVE_DIMS:
+            failed.append(f"collapsed ({int(active)} active dimensions < {MIN_ACTIVE_DIMS})")
+        rows.append({"dataset": r["dataset"], "model": r["model"], "seed": r["seed"], "val_bpd_final": None,
+                     "val_change_last_quarter": None, "train_elbo_bpd": None, "test_elbo_bpd": None, "train_minus_test_bpd": None, "test_iw_bpd": None,
+                     "active_dims": active, "failed": "; ".join(failed)})
     return rows
+
+
+def _caveats(checks: Sequence[Mapping[str, Any]], dataset: str, models: Sequence[str]) -> str:
+    """The failed run checks of ``models`` on ``dataset``, one phrase per run ("" if none)."""
+    return "; ".join(f"{c['model']} seed {c['seed']}: {c['failed']}" for c in checks
+                     if c["dataset"] == dataset and c["model"] in models and c["failed"])
 
 
 def claims_section(study: Any, records: Sequence[Mapping[str, Any]], dens: Sequence[Mapping[str, Any]],
@@ -571,26 +625,39 @@ def claims_section(study: Any, records: Sequence[Mapping[str, Any]], dens: Seque
     names = sorted({k for r in dis for k in r["metrics"]})
     claims = default_claims([m for m in HEADLINE_DISENTANGLEMENT if m in names])
     factors = {d: len(study.ground_truth(d).factors_num_values) for d in study.datasets("disentanglement")}
-    rows = claim_rows(records, claims, confidence, factors)
-    cols = ["claim", "dataset", "comparison", "diff", "ci_low", "ci_high", "half_width", "seeds",
-            "paper_direction", "verdict"]
-    write_csv(rows, cols, out_dir / "claims.csv")
     checks = run_checks(dens, dis)
-    write_csv(checks, list(checks[0]) if checks else [], out_dir / "run_checks.csv")
+    rows = claim_rows(records, claims, confidence, factors)
+    for row in rows:
+        row["caveats"] = _caveats(checks, row["dataset"], ["sdn", row["comparison"].split(" − ")[1]])
+    cols = ["claim", "dataset", "comparison", "diff", "ci_low", "ci_high", "half_width", "seeds",
+            "paper_direction", "verdict", "caveats"]
+    write_csv(rows, cols, out_dir / "claims.csv")
+    check_cols = ["dataset", "model", "seed", "val_bpd_final", "val_change_last_quarter", "train_elbo_bpd",
+                  "test_elbo_bpd", "train_minus_test_bpd", "test_iw_bpd", "active_dims", "failed"]
+    write_csv(checks, check_cols, out_dir / "run_checks.csv")
     chance = sorted({f"{m} {chance_level(m, n):.3f} ({d}, {n} factors)" for d, n in factors.items()
                      for m in names if chance_level(m, n) is not None and m.endswith("eval_accuracy")})
+    failed = [c for c in checks if c["failed"]]
+    dens_cols = ["dataset", "model", "seed", "val_bpd_final", "val_change_last_quarter", "train_elbo_bpd",
+                 "test_elbo_bpd", "train_minus_test_bpd", "test_iw_bpd", "failed"]
     md = ["## Claims\n",
           f"Each row: `sdn − baseline` of the mean over seeds, its Welch {int(confidence * 100)} % CI, and the "
           f"verdict of this rule, applied to the numbers by `sdn/claims.py`: {RULE}. "
           f"A VAE with fewer than {MIN_ACTIVE_DIMS} active latent dimensions in any run counts as collapsed. "
-          f"Chance levels: {'; '.join(chance) if chance else 'n/a'}.\n",
+          f"Chance levels: {'; '.join(chance) if chance else 'n/a'}. `caveats` lists the run checks "
+          "below that the compared runs fail.\n",
           markdown_table(rows, cols) if rows else "No claim can be judged (needs sdn and its baselines).\n",
           "\n### Run checks\n",
-          "Validation ELBO bpd change over the last quarter of training (plateau: |change| ≤ 0.05), "
-          "train − test ELBO bpd gap (train: the last logging window's minibatch bpd), and active latent "
-          "dimensions (Burda et al.: Cov_x(E_q[z_j]) > 0.01) of each VAE.\n",
-          markdown_table(checks, ["dataset", "model", "seed", "val_change_last_quarter", "train_minus_test_bpd",
-                                  "test_iw_bpd", "active_dims"]) if checks else "No runs.\n", ""]
+          f"Density runs: validation ELBO bpd at the last step and its change since 75 % of the steps "
+          f"(plateau: |change| ≤ {PLATEAU_TOLERANCE}), ELBO bpd of as many training images as the test split "
+          f"holds and of the test split with the same weights (gap: |train − test| ≤ {MAX_TRAIN_TEST_GAP}). "
+          f"VAEs: active latent dimensions (Burda et al.: Cov_x(E_q[z_j]) > 0.01; collapsed below "
+          f"{MIN_ACTIVE_DIMS}). {len(failed)} of {len(checks)} runs fail a check.\n"]
+    if dens:
+        md.append(markdown_table(checks[:len(dens)], dens_cols))
+    if dis:
+        md.append(markdown_table(checks[len(dens):], ["dataset", "model", "seed", "active_dims", "failed"]))
+    md.append("")
     return md
 
 

@@ -51,7 +51,8 @@ from sdn.seeding import make_generator, seed_everything, seed_worker
 log = logging.getLogger(__name__)
 
 # Config fields that must match when resuming: changing them would silently change the result.
-_RESUME_FIELDS = ("seed", "batch_size", "lr", "lr_decay", "lr_decay_every", "ema_decay", "grad_clip")
+_RESUME_FIELDS = ("seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_every", "ema_decay", "grad_clip")
+LR_SCHEDULES = ("exponential", "cosine")
 _RESERVED_METRICS = ("grad_norm", "lr")
 _EVAL_SEED_KEY = 0xE7A1  # mixes evaluation seeds away from the training streams
 
@@ -82,8 +83,10 @@ def _check_float(name: str, value: Any, low: float, high: float, low_open: bool,
 class TrainConfig:
     """Everything that defines a training run.
 
-    ``batch_size`` is global (split equally over ranks). ``lr_decay`` is the ExponentialLR gamma,
-    applied every ``lr_decay_every`` steps (None: once per epoch). ``ema_decay`` None disables EMA;
+    ``batch_size`` is global (split equally over ranks). ``lr_schedule`` "exponential" (the
+    paper's): ``lr_decay`` is the ExponentialLR gamma, applied every ``lr_decay_every`` steps (None:
+    once per epoch); "cosine": the rate follows lr * (1 + cos(pi * step / steps)) / 2 down to 0 at
+    the last step (for budgeted runs; ``lr_decay`` must then stay 1). ``ema_decay`` None disables EMA;
     ``grad_clip`` None disables clipping (the norm is still logged). ``eval_every`` (None: off)
     runs ``train(..., eval_fn=...)`` on the EMA model. ``amp`` (bf16 autocast) and
     ``channels_last`` apply on CUDA only and are ignored on CPU. ``deterministic`` switches on
@@ -94,6 +97,7 @@ class TrainConfig:
     steps: int
     batch_size: int
     lr: float = 2e-3
+    lr_schedule: str = "exponential"
     lr_decay: float = 1.0
     lr_decay_every: int | None = None
     ema_decay: float | None = 0.999
@@ -116,6 +120,11 @@ class TrainConfig:
         _check_float("lr", self.lr, 0.0, math.inf, True, True)
         _check_float("lr_decay", self.lr_decay, 0.0, 1.0, True, False)
         _check_int("lr_decay_every", self.lr_decay_every, 1, optional=True)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine" and (self.lr_decay != 1.0 or self.lr_decay_every is not None):
+            raise ValueError("TrainConfig.lr_decay and lr_decay_every apply to the exponential schedule only; "
+                             f"leave them unset with lr_schedule='cosine' (got {self.lr_decay!r}, {self.lr_decay_every!r})")
         _check_float("ema_decay", self.ema_decay, 0.0, 1.0, False, True, optional=True)
         _check_float("grad_clip", self.grad_clip, 0.0, math.inf, True, True, optional=True)
         _check_int("checkpoint_every", self.checkpoint_every, 1)
@@ -274,7 +283,7 @@ def train(
         )
     ema = _make_ema(model, config, state)
     optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    scheduler = _make_scheduler(optimizer, config)
     window: dict[str, Any] = {"count": 0, "sums": {}, "lr": None}
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] | None = None
@@ -315,7 +324,7 @@ def train(
                     raise ValueError(f"model output keys changed from {metric_keys} to {sorted(values)}")
                 if ema is not None:
                     ema.update(model)
-                if step % decay_every == 0:
+                if config.lr_schedule == "cosine" or step % decay_every == 0:
                     scheduler.step()
                 _accumulate(window, values, lr)
                 bar.update(1)
@@ -356,6 +365,16 @@ def _optimizer_step(net: nn.Module, model: nn.Module, images: torch.Tensor, opti
         raise NonFiniteLossError(step, values)
     optimizer.step()
     return values
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """ExponentialLR(gamma=lr_decay), or the closed-form cosine decay to 0 at ``config.steps``
+    (a function of the step count alone, so a resumed run gets exactly the same rates)."""
+    if config.lr_schedule == "cosine":
+        steps = config.steps
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps)))
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
 
 
 def _make_ema(model: nn.Module, config: TrainConfig, state: Mapping[str, Any] | None) -> ExponentialMovingAverage | None:

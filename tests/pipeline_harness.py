@@ -45,21 +45,26 @@ _BUILT: dict[str, Any] = {}
 
 
 def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The embedded study shrunk to seconds per stage: 1 seed, 2 models per family, 4 steps."""
+    """The embedded study shrunk to seconds per stage: 2 seeds, 2 models per family, 4 steps."""
     p = yaml.safe_load(yaml.safe_dump(params))
-    p["study"]["seeds"] = [0]
+    p["study"]["seeds"] = [0, 1]  # two seeds side by side, as in the embedded study
     p["study"]["density"]["models"] = ["sdn", "cnn"]
     p["data"]["dsprites_procedural"]["options"] = {"num": 256, "seed": 0}
+    p["data"]["patches32"]["options"] = {"patch_size": 8, "region": 16, "levels": 2, "validation_fraction": 0.05,
+                                         "test_fraction": 0.05, "seed": 0}
     d = p["density"]["patches32"]
-    d["overrides"] = {"h_size": 8, "depth": 2, "ds_list": [0, 1], "sdn_nfeat_0": 8, "iaf_context": 8, "mixtures": 2}
+    d["overrides"] = {"image_size": 8, "sdn_max_scale": 8, "h_size": 8, "depth": 2, "ds_list": [0, 1],
+                      "sdn_nfeat_0": 8, "iaf_context": 8, "mixtures": 2}
     d["models"] = {"sdn": {}, "cnn": {}}
     d["train"].update(steps=4, batch_size=8, log_every=2, checkpoint_every=4)
+    d["train"]["eval_every"] = 2
     d["eval"] = {"batch_size": 16, "iw_samples": 4, "max_examples": 16}
     d["samples"]["num"] = 4
     q = p["disentanglement"]["dsprites_procedural"]
     q["overrides"] = {"sdn_features": 8, "batch_size": 16}
     q["train"].update(steps=4, batch_size=16, log_every=2, checkpoint_every=4)
-    q["metrics"] = {"num_train": 60, "num_eval": 30, "batch_size": 8}
+    q["metrics"] = {"num_train": 60, "num_eval": 30, "batch_size": 8, "encode_batch_size": 32,
+                    "metrics": ["beta_vae", "factor_vae", "mig", "dci", "sap"]}
     q["samples"]["num"] = 4
     p["fid"]["num_samples"] = 10
     return p
@@ -90,9 +95,12 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def make_workspace(dest: Path, migrated_db: Path | None = None) -> Path:
-    """A fresh git + DVC repository at ``dest`` with this checkout's pipeline and tiny params."""
-    dest.mkdir(parents=True, exist_ok=True)
+def make_workspace(dest: Path) -> Path:
+    """A fresh git + DVC repository at ``dest`` with this checkout's pipeline and tiny params
+    (whatever an earlier, failed attempt left at ``dest`` is removed first)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in COPIED:
         src, dst = ROOT / name, dest / name
@@ -106,8 +114,6 @@ def make_workspace(dest: Path, migrated_db: Path | None = None) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     dvc(dest, "init", "-q")
     dvc(dest, "config", "core.site_cache_dir", str(dest / ".dvc" / "site"))
-    if migrated_db is not None:
-        shutil.copyfile(migrated_db, dest / "mlflow.db")
     return dest
 
 
@@ -130,22 +136,12 @@ def add_toy_baseline(workspace: Path) -> None:
     edit_params(workspace, edit)
 
 
-def migrated_db(tmp_root: Path) -> Path:
-    """A migrated, empty MLflow SQLite store (created once per session)."""
-    if "db" not in _BUILT:
-        path = tmp_root / "migrated" / "mlflow.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(BIN / "python"), "-c",
-                        f"import mlflow; mlflow.MlflowClient('sqlite:///{path}').search_experiments()"],
-                       env=env(ROOT), check=True, capture_output=True)
-        _BUILT["db"] = path
-    return _BUILT["db"]
-
-
 def built_workspace(tmp_root: Path) -> tuple[Path, str]:
     """A workspace after one full `dvc repro` (cached for the session) and that repro's output."""
     if "workspace" not in _BUILT:
-        ws = make_workspace(tmp_root / "built", migrated_db(tmp_root))
+        # No pre-migrated store: the first stage's seeds start side by side on a fresh mlflow.db,
+        # as on a fresh clone (the stage must create the store before its runs race to).
+        ws = make_workspace(tmp_root / "built")
         result = dvc(ws, "repro")
         _BUILT["workspace"] = (ws, result.stdout + result.stderr)
     return _BUILT["workspace"]

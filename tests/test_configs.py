@@ -67,11 +67,11 @@ def test_all_named_configs_build_on_meta_with_every_baseline() -> None:
 
 def test_embedded_config_trains_a_step_on_cpu() -> None:
     cfg = get_config("embedded")
-    assert cfg.image_size == 32 and cfg.bits == 8 and cfg.mixtures == 5 and cfg.depth == 4
+    assert cfg.image_size == 16 and cfg.bits == 8 and cfg.mixtures == 5 and cfg.depth == 2
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, "sdn")
     assert count_parameters(model) < 2_000_000
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
     losses = []
     for _ in range(3):

@@ -269,6 +269,35 @@ def test_dsprites_procedural_dataset_items():
                            torch.stack([dataset[i][1] for i in range(10)]))
 
 
+
+
+def test_dsprites_full_grid_rendered_on_demand_through_a_dataloader(tmp_path):
+    """num=None: all 737,280 grid points, item i is grid point i in C order (checked with a
+    hand-written mixed-radix decoding), batches rendered through __getitems__, and prepare writes
+    only meta.json and the sample grid."""
+    from torch.utils.data import DataLoader
+
+    from sdn.data.prepare import prepare
+
+    dataset = get_dataset("dsprites_procedural", "train", num=None, seed=0)
+    assert len(dataset) == 3 * 6 * 40 * 32 * 32 == 737280
+    index = 123457
+    expected, rest = [], index
+    for size in reversed(dsp.FACTOR_SIZES):
+        expected.append(rest % size)
+        rest //= size
+    image, factors = dataset[index]
+    assert factors.tolist() == expected[::-1]
+    np.testing.assert_array_equal(image.numpy(), dsp.render_factors(np.array([expected[::-1]]))[0])
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    images, batch_factors = next(iter(loader))
+    assert images.shape == (16, 1, 64, 64) and images.dtype == torch.uint8
+    np.testing.assert_array_equal(images.numpy(), dsp.render_factors(batch_factors.numpy()))
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+    meta = prepare("dsprites_procedural", tmp_path / "out", progress=False, num=None, seed=0)
+    assert meta["splits"]["train"]["num"] == 737280 and meta["splits"]["train"]["rendered_on_demand"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "sample_grid.png"]
 # ------------------------------------------------------------------------------ shapes3d
 
 

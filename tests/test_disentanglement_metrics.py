@@ -297,6 +297,38 @@ def test_beta_vae_features_match_closed_form():
         assert x[y != k, k].mean() == pytest.approx((n * n - 1) / (3 * n), rel=0.05)
 
 
+def test_points_encoded_in_chunks_equal_a_per_point_reference():
+    """BetaVAE features and FactorVAE votes from chunked encoding equal a naive loop that encodes
+    each point's observations on their own, drawing from the random stream in the same order."""
+    data, sizes, batch, num = TinyFactors(SIZES), SIZES, 5, utils.POINTS_PER_ENCODE * 2 + 7
+    rs = np.random.RandomState(4)
+    want_x, want_y = [], []
+    for _ in range(num):
+        index = rs.randint(len(sizes))
+        f1, f2 = data.sample_factors(batch, rs), data.sample_factors(batch, rs)
+        f2[:, index] = f1[:, index]
+        c1 = mixed_representation(data.sample_observations_from_factors(f1, rs))
+        c2 = mixed_representation(data.sample_observations_from_factors(f2, rs))
+        want_x.append(np.mean(np.abs(c1 - c2), axis=0))
+        want_y.append(index)
+    x, y = beta_vae._generate_points(data, mixed_representation, len(sizes), batch, num, np.random.RandomState(4), 7)
+    np.testing.assert_allclose(x, np.stack(want_x), rtol=1e-12)
+    assert y.tolist() == want_y
+
+    variances, active = np.array([1.0, 2.0, 0.5, 1.5]), np.array([0, 1, 3])
+    rs = np.random.RandomState(6)
+    want = np.zeros((len(sizes), 4), dtype=np.int64)
+    for _ in range(num):
+        index = rs.randint(len(sizes))
+        f = data.sample_factors(batch, rs)
+        f[:, index] = f[0, index]
+        local = np.var(mixed_representation(data.sample_observations_from_factors(f, rs)), axis=0, ddof=1)
+        want[index, active[np.argmin(local[active] / variances[active])]] += 1
+    votes = factor_vae._generate_votes(data, mixed_representation, len(sizes), batch, np.random.RandomState(6),
+                                       variances, active, 7, num_points=num)
+    np.testing.assert_array_equal(votes, want)
+
+
 def test_factor_vae_prunes_collapsed_codes():
     rep = lambda x: np.concatenate([decode(x), np.zeros((len(x), 1))], axis=1)  # noqa: E731
     scores = compute_factor_vae(TinyFactors([3, 4]), rep, 0, BATCH, 200, 100, 200)

@@ -70,6 +70,21 @@ def test_forward_bpd_equals_log_weights_with_one_sample_and_is_deterministic() -
     assert torch.equal(model.log_weights(images, 3, g1), model.log_weights(images, 3, g2))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_log_weights_share_the_bottom_up_pass_exactly(name: str) -> None:
+    """K samples per image from one bottom-up pass equal the full model run on K copies of the
+    batch (sample-major rows), drawing the same posterior noise."""
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny"), name).eval()
+    images, k = tiny_images(3), 4
+    shared = model.log_weights(images, k, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        log_px, kls = model._elbo_terms(images.repeat(k, 1, 1, 1), torch.Generator().manual_seed(7))
+    naive = (log_px - torch.stack(kls).sum(dim=0)).double().view(k, 3)
+    torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(shared[0], shared[1])  # the samples differ from each other
+
+
 def test_sample_contract_temperature_zero_and_generator() -> None:
     torch.manual_seed(0)
     model = build_model(get_config("tiny"), "sdn")

@@ -3,7 +3,8 @@
 One `dvc repro` in a temporary copy of the repository (shared with test_add_baseline.py), then:
 a second repro does nothing; `dvc metrics show` / `dvc plots show` work; the report's numbers are
 the metrics files' numbers; an `mlflow server` on the store answers runs/search with the runs,
-params, metrics and artifacts; editing one model's params reruns only that model's stages.
+params, metrics and artifacts; editing one model's params reruns only that model's stages. The
+tiny study has two seeds run side by side (``study.runs_at_once: 2``), as the embedded study does.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def _expected_stages(with_toy: bool = False) -> set[str]:
     density = ["sdn", "cnn"] + (["toy"] if with_toy else [])
     stages = {"prepare_embedded@patches32", "prepare_embedded@dsprites_procedural", "fid_stats@patches32", "report"}
     for m in density:
-        stages |= {f"train_density@patches32-{m}-0", f"evaluate_density@patches32-{m}-0", f"fid@patches32-{m}-0"}
+        stages |= {f"train_density@patches32-{m}", f"evaluate_density@patches32-{m}", f"fid@patches32-{m}"}
     for m in ("cnn", "sdn"):
-        stages |= {f"train_disentanglement@dsprites_procedural-{m}-0",
-                   f"evaluate_disentanglement@dsprites_procedural-{m}-0"}
+        stages |= {f"train_disentanglement@dsprites_procedural-{m}",
+                   f"evaluate_disentanglement@dsprites_procedural-{m}"}
     return stages
 
 
@@ -55,7 +56,8 @@ def test_dvc_metrics_and_plots(built):
     data = next(iter(metrics.values()))["data"]
     flat = {path: entry["data"] for path, entry in data.items()}
     ev = flat["results/embedded/metrics/eval/patches32/sdn/seed0.json"]
-    assert ev["iw_bpd"] > 0 and ev["elbo_bpd"] > 0 and ev["iw_samples"] == 4
+    assert ev["iw_bpd"] > 0 and ev["elbo_bpd"] > 0 and ev["iw_samples"] == 4 and ev["train_elbo_bpd"] > 0
+    assert flat["results/embedded/metrics/eval/patches32/sdn/seed1.json"]["iw_bpd"] != ev["iw_bpd"]
     dis = flat["results/embedded/metrics/eval/dsprites_procedural/cnn/seed0.json"]
     assert {"beta_vae.eval_accuracy", "factor_vae.eval_accuracy", "mig.discrete_mig", "dci.disentanglement",
             "sap.SAP_score"} <= set(dis)
@@ -79,16 +81,19 @@ def test_reports_hold_the_metrics_files_numbers(built):
     for model, row in rows.items():
         ev = json.loads((ws / f"results/embedded/metrics/eval/patches32/{model}/seed0.json").read_text())
         tr = json.loads((ws / f"results/embedded/metrics/train/patches32/{model}/seed0.json").read_text())
-        assert float(row["iw_bpd_mean"]) == pytest.approx(ev["iw_bpd"], rel=1e-5)
-        assert int(row["num_params"]) == tr["num_params"] and row["seeds"] == "1"
+        ev1 = json.loads((ws / f"results/embedded/metrics/eval/patches32/{model}/seed1.json").read_text())
+        assert float(row["iw_bpd_mean"]) == pytest.approx((ev["iw_bpd"] + ev1["iw_bpd"]) / 2, rel=1e-5)
+        assert int(row["num_params"]) == tr["num_params"] and row["seeds"] == "2"
     assert rows["sdn"]["num_params"] != rows["cnn"]["num_params"]
     dis = {r["model"] for r in _rows(reports / "disentanglement.csv")}
     assert dis == {"cnn", "sdn"}
     fid_md = (reports / "fid.md").read_text()
     assert "n/a (no Inception weights: set fid.weights_path)" in fid_md
     index = (reports / "index.md").read_text()
-    for needle in ("## Density", "## Disentanglement", "## FID", "## Versions", "## Reduced from the paper",
-                   "figures/curves_patches32.png", "figures/samples_patches32_sdn.png", "K = 4"):
+    for needle in ("## Claims", "### Run checks", "## Density", "## Disentanglement", "## FID", "## Versions",
+                   "## Reduced from the paper", "figures/curves_patches32.png", "figures/val_curves_patches32.png",
+                   "figures/samples_patches32_sdn.png", "figures/reconstructions_dsprites_procedural_sdn.png",
+                   "K = 4"):
         assert needle in index
     for name in ("curves_patches32.png", "bars_patches32.png", "bars_dsprites_procedural.png",
                  "samples_dsprites_procedural_cnn.png"):
@@ -137,8 +142,9 @@ def test_mlflow_server_shows_the_runs(built, tmp_path):
         for run in found["runs"]:
             tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
             runs[(tags["dataset"], tags["model"], tags["seed"])] = run
-        assert set(runs) == {("patches32", "sdn", "0"), ("patches32", "cnn", "0"),
-                             ("dsprites_procedural", "cnn", "0"), ("dsprites_procedural", "sdn", "0")}
+        assert set(runs) == {(d, m, seed) for d, models in (("patches32", ("sdn", "cnn")),
+                                                             ("dsprites_procedural", ("cnn", "sdn")))
+                             for m in models for seed in ("0", "1")}
         run = runs[("patches32", "sdn", "0")]
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -147,11 +153,14 @@ def test_mlflow_server_shows_the_runs(built, tmp_path):
         ev = json.loads((ws / "results/embedded/metrics/eval/patches32/sdn/seed0.json").read_text())
         assert metrics["test/iw_bpd"] == pytest.approx(ev["iw_bpd"])
         assert "train/bpd" in metrics and metrics["num_params"] > 0
-        assert tags["dvc_stage"] == "train_density@patches32-sdn-0" and tags["fid_status"] == "n/a"
+        assert tags["dvc_stage"] == "train_density@patches32-sdn" and tags["fid_status"] == "n/a"
         dis = {m["key"] for m in runs[("dsprites_procedural", "sdn", "0")]["data"]["metrics"]}
         assert "test/mig.discrete_mig" in dis
         listed = _request(f"{base}/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
         assert {"samples.png", "resolved_config.json", "metrics"} <= {f["path"] for f in listed["files"]}
+        vae = runs[("dsprites_procedural", "sdn", "1")]["info"]["run_id"]
+        listed = _request(f"{base}/api/2.0/mlflow/artifacts/list?run_id={vae}")
+        assert "reconstructions.png" in {f["path"] for f in listed["files"]}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -169,10 +178,10 @@ def test_one_models_params_rerun_only_that_model(built, tmp_path):
     shutil.copytree(built[0], ws, symlinks=True)
     harness.edit_params(ws, lambda p: p["density"]["patches32"]["models"]["cnn"].update(h_size=12))
     status = json.loads(harness.dvc(ws, "status", "--json").stdout)
-    assert set(status) == {"train_density@patches32-cnn-0", "evaluate_density@patches32-cnn-0",
-                           "fid@patches32-cnn-0", "report"}
+    assert set(status) == {"train_density@patches32-cnn", "evaluate_density@patches32-cnn",
+                           "fid@patches32-cnn", "report"}
     # Rerunning a stage makes a new MLflow run the current one for its key.
-    harness.dvc(ws, "repro", "--single-item", "train_density@patches32-cnn-0")
+    harness.dvc(ws, "repro", "--single-item", "train_density@patches32-cnn")
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
@@ -195,8 +204,8 @@ def test_rerun_of_an_unchanged_run_resumes_from_its_checkpoint(built, tmp_path):
     curve = ws / study / "curves/patches32/sdn/seed0.csv"
     weights = ws / study / "models/patches32/sdn/seed0/eval_weights.pt"
     curve_before, weights_before = curve.read_bytes(), weights.read_bytes()
-    out = harness.dvc(ws, "repro", "--force", "--single-item", "train_density@patches32-sdn-0")
-    assert "train_density@patches32-sdn-0" in harness.ran_stages(out.stdout + out.stderr)
+    out = harness.dvc(ws, "repro", "--force", "--single-item", "train_density@patches32-sdn")
+    assert "train_density@patches32-sdn" in harness.ran_stages(out.stdout + out.stderr)
     assert curve.read_bytes() == curve_before
     assert weights.read_bytes() == weights_before
     checkpoints = list((weights.parent / "checkpoints").iterdir())
@@ -224,7 +233,7 @@ def test_fid_stages_with_a_local_weights_file(built, tmp_path):
     )
     harness.edit_params(ws, lambda p: p["fid"].update(weights_path=str(weights), num_samples=8,
                                                        batch_size=8))
-    harness.dvc(ws, "repro", "--single-item", "fid@patches32-sdn-0")
+    harness.dvc(ws, "repro", "--single-item", "fid@patches32-sdn")
     record = json.loads((ws / "results/embedded/metrics/fid/patches32/sdn/seed0.json").read_text())
     assert record["available"] is True and math.isfinite(record["value"]) and record["value"] > 0
     assert record["fid"] == record["value"] and record["num_samples"] == 8

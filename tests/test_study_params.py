@@ -34,7 +34,7 @@ def test_embedded_study_is_valid_and_expands_like_dvc(embedded):
     assert s.datasets("disentanglement") == ["dsprites_procedural"] and s.models("disentanglement") == ["cnn", "sdn"]
     runs = s.runs()
     assert len(runs) == (3 + 2) * len(s.seeds)
-    assert runs[0].stage_suffix == f"patches32-sdn-{s.seeds[0]}"
+    assert runs[0].stage_suffix == "patches32-sdn"  # one stage per model runs every seed
     # The run's seed drives the trainer and the VAE's weight init.
     assert s.train_config("disentanglement", "dsprites_procedural", 2, "sdn").seed == 2
     assert s.model_config("disentanglement", "dsprites_procedural", "sdn", 2).seed == 2
@@ -128,6 +128,14 @@ def test_consistency_rules(embedded):
     assert "study.seeds" in msg
     msg = _bad(embedded, lambda p: p["data"]["patches32"].update(out="elsewhere"))
     assert "data.patches32.out" in msg and "data/prepared/patches32" in msg
+    msg = _bad(embedded, lambda p: p["study"].update(launcher="torchrun --standalone --nproc_per_node=2"))
+    assert "study.runs_at_once" in msg and "torchrun" in msg
+    msg = _bad(embedded, lambda p: p["study"].update(runs_at_once=0))
+    assert "study.runs_at_once" in msg
+    msg = _bad(embedded, lambda p: p["study"].update(threads_per_run=0))
+    assert "study.threads_per_run" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"].update(tuned="lr"))
+    assert "density.patches32.tuned" in msg and "list of str" in msg
     # A value the config itself rejects is reported with the section it came from.
     msg = _bad(embedded, lambda p: p["density"]["patches32"]["models"]["sdn"].update(sdn_num_dirs=7))
     assert "density.patches32" in msg and "sdn_num_dirs" in msg
@@ -183,7 +191,30 @@ def test_paper_dag_resolves(tmp_path):
                          capture_output=True, text=True).stdout
     # The edges follow the data: download -> prepare -> train -> evaluate/fid -> report.
     assert '"download@cifar10" -> "prepare@cifar10"' in dag
-    assert '"prepare@cifar10" -> "train_density@cifar10-sdn-0"' in dag
-    assert '"train_density@cifar10-sdn-0" -> "evaluate_density@cifar10-sdn-0"' in dag
-    assert '"fid_stats@cifar10" -> "fid@cifar10-sdn-0"' in dag
-    assert '"evaluate_disentanglement@shapes3d-sdn-2" -> "report"' in dag
+    assert '"prepare@cifar10" -> "train_density@cifar10-sdn"' in dag
+    assert '"train_density@cifar10-sdn" -> "evaluate_density@cifar10-sdn"' in dag
+    assert '"fid_stats@cifar10" -> "fid@cifar10-sdn"' in dag
+    assert '"evaluate_disentanglement@shapes3d-sdn" -> "report"' in dag
+
+
+def test_side_by_side_runs_respect_the_limit_the_threads_and_report_failures(tmp_path):
+    """At most ``at_once`` commands overlap (checked from their own start/end stamps), each sees
+    the thread limit in its environment, and failing ones are named while the rest still run."""
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "key, out = sys.argv[1], sys.argv[2]\n"
+        "start = time.monotonic(); time.sleep(0.3)\n"
+        "open(out + '/' + key, 'w').write(f\"{start} {time.monotonic()} {os.environ['OMP_NUM_THREADS']}\")\n"
+        "sys.exit(3 if key in ('1', '4') else 0)\n"
+    )
+    commands = {k: [sys.executable, str(script), str(k), str(tmp_path)] for k in range(5)}
+    failed = study_mod.run_side_by_side(commands, at_once=2, threads=1)
+    assert failed == [1, 4]
+    stamps = [tuple(map(float, (tmp_path / str(k)).read_text().split())) for k in range(5)]
+    assert all(threads == 1 for _, _, threads in stamps)
+    for start, _, _ in stamps:  # runs in progress at each start, itself included
+        assert sum(1 for a, b, _ in stamps if a <= start < b) <= 2
+    assert any(a2 < b1 and a1 < b2 for i, (a1, b1, _) in enumerate(stamps) for (a2, b2, _) in stamps[i + 1:])

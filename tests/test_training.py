@@ -522,3 +522,26 @@ def test_ddp_two_processes_match_single_process_run(tmp_path):
     assert (tmp_path / "curve_rank0_of2.csv").is_file() and not (tmp_path / "curve_rank1_of2.csv").exists()
     state = read_checkpoint(tmp_path / "ckpt_2")
     assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_cosine_schedule_follows_the_closed_form_and_resumes_exactly(tmp_path):
+    """Step t (1-based) trains with lr * (1 + cos(pi * (t - 1) / steps)) / 2; a run killed after its
+    checkpoint resumes with the same rates and ends with the same weights."""
+    cfg = config(steps=8, lr=0.05, lr_schedule="cosine", lr_decay=1.0, checkpoint_every=4, log_every=1)
+    recorder = Recorder()
+    full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full", callbacks=[recorder])
+    want = [0.05 * (1 + math.cos(math.pi * (t - 1) / 8)) / 2 for t in range(1, 9)]
+    assert [m["lr"] for _, m in recorder.steps] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[Kill(at=6)])
+    again = Recorder()
+    resumed = train(fresh_model(init_seed=1), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[again])
+    assert [m["lr"] for _, m in again.steps] == pytest.approx(want[4:], rel=1e-12)
+    assert_same_params(full.model, resumed.model)
+
+
+def test_cosine_schedule_refuses_exponential_settings():
+    with pytest.raises(ValueError, match="exponential schedule only"):
+        config(lr_schedule="cosine", lr_decay=0.9)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        config(lr_schedule="linear")

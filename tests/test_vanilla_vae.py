@@ -170,12 +170,22 @@ def test_shapes_and_loss_terms(decoder, channels, likelihood):
     recon = -model.likelihood.log_prob(model.decode(z), images).mean()
     assert torch.allclose(out["recon"], recon)
     assert model.encode_mean(images).shape == (2, 4)
-    samples = model.sample(3, generator=torch.Generator().manual_seed(0))
-    assert samples.dtype == torch.uint8 and samples.shape == (3, channels, 64, 64)
-    noisy = model.sample(3, generator=torch.Generator().manual_seed(0), pixel_noise=True)
-    assert noisy.dtype == torch.uint8 and noisy.shape == (3, channels, 64, 64)
+    for pixels in ("mean", "mode", "sample"):
+        samples = model.sample(3, generator=torch.Generator().manual_seed(0), pixels=pixels)
+        assert samples.dtype == torch.uint8 and samples.shape == (3, channels, 64, 64)
+        if likelihood == "bernoulli" and pixels != "mean":
+            assert set(samples.unique().tolist()) <= {0, 255}
+    with pytest.raises(ValueError, match="pixels"):
+        model.sample(1, pixels="median")
+    # Reconstructions decode the posterior mean; "mean" pictures are the likelihood's mean image.
+    recon = model.reconstruct(images)
+    assert recon.dtype == torch.uint8 and recon.shape == images.shape
+    params = model.decode(model.encode_mean(images))
     if likelihood == "bernoulli":
-        assert set(samples.unique().tolist()) <= {0, 255}
+        want = torch.round(255 * torch.sigmoid(params)).to(torch.uint8)
+    else:
+        want = torch.round((params + 0.5).clamp(0, 1) * 255).to(torch.uint8)
+    assert torch.equal(recon, want)
 
 
 def test_sdn_decoder_replaces_only_the_32_block():
@@ -265,8 +275,8 @@ def test_determinism_with_fixed_seed():
     out_b = b(images)
     for key in out_a:
         assert torch.equal(out_a[key], out_b[key]), key
-    s1 = a.sample(2, temperature=0.7, generator=torch.Generator().manual_seed(5), pixel_noise=True)
-    s2 = a.sample(2, temperature=0.7, generator=torch.Generator().manual_seed(5), pixel_noise=True)
+    s1 = a.sample(2, temperature=0.7, generator=torch.Generator().manual_seed(5), pixels="sample")
+    s2 = a.sample(2, temperature=0.7, generator=torch.Generator().manual_seed(5), pixels="sample")
     assert torch.equal(s1, s2)
 
 

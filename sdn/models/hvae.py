@@ -127,15 +127,23 @@ class HierarchicalVAE(nn.Module):
                 f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}"
             )
 
-    def _elbo_terms(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(log p(x|z) per image (B,), list of per-layer KL samples (B,), top layer first)."""
+    def _elbo_terms(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                    repeats: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(log p(x|z) per image (repeats * B,), list of per-layer KL samples, top layer first).
+
+        With ``repeats`` > 1 the deterministic bottom-up pass runs once on the B images and its
+        outputs are repeated (sample-major: row k * B + b is image b), so ``repeats`` posterior
+        samples per image cost only ``repeats`` top-down passes.
+        """
         self._check_images(images)
         x = preprocess(images, self.config.bits, self.h_top.dtype).to(self.h_top.device)
         h = self.first(x)
         q_ups = []
         for layer in self.layers:
             h, q_up = layer.up(h)
-            q_ups.append(q_up)
+            q_ups.append(q_up.repeat(repeats, 1, 1, 1) if repeats > 1 else q_up)
+        if repeats > 1:
+            x = x.repeat(repeats, 1, 1, 1)
         h = self._top_input(x.shape[0])
         kls = []
         for layer, q_up in zip(reversed(self.layers), reversed(q_ups)):
@@ -163,13 +171,14 @@ class HierarchicalVAE(nn.Module):
     def log_weights(self, images: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """log p(x|z_k) + log p(z_k) - log q(z_k|x) for k < num_samples, float64 (num_samples, B).
 
-        The batch is repeated ``num_samples`` times in one forward pass; chunking is the caller's job.
+        The bottom-up pass runs once per image and the top-down pass once per sample, all in one
+        batch of ``num_samples * B``; chunking is the caller's job.
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         self._check_images(images)
         batch = images.shape[0]
-        log_px, kls = self._elbo_terms(images.repeat(num_samples, 1, 1, 1), generator)
+        log_px, kls = self._elbo_terms(images, generator, repeats=num_samples)
         log_w = log_px - torch.stack(kls).sum(dim=0)
         return log_w.double().view(num_samples, batch)
 

@@ -96,6 +96,10 @@ class DiscretizedLogistic(nn.Module):
         best = lp.argmax(dim=0, keepdim=True)
         return candidates.gather(0, best).squeeze(0)
 
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        """The bin nearest the logistic mean per pixel, uint8: the picture of the decoder output."""
+        return _centered_to_uint8(params)
+
     def sample(self, params: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Exact sample: draw a continuous logistic value, then take the bin it falls in (tails clamp)."""
         u = torch.rand(params.shape, generator=generator, dtype=params.dtype, device=params.device)
@@ -127,6 +131,11 @@ class BernoulliLikelihood(nn.Module):
     def mode(self, params: torch.Tensor) -> torch.Tensor:
         """255 where the logit is positive (p > 0.5), else 0; uint8."""
         return ((params.detach() > 0).to(torch.uint8)) * 255
+
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        """The pixel probabilities sigmoid(logit) as grey levels round(255 p), uint8: unlike the
+        mode, a blurry early decoder still shows where its shapes are."""
+        return torch.round(torch.sigmoid(params.detach().float()) * 255.0).to(torch.uint8)
 
     def sample(self, params: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Independent Bernoulli draws, returned as 0/255 uint8."""

@@ -204,12 +204,13 @@ class VanillaVAE(nn.Module):
         num: int,
         temperature: float = 1.0,
         generator: Optional[torch.Generator] = None,
-        pixel_noise: bool = False,
+        pixels: str = "mean",
     ) -> torch.Tensor:
         """``num`` images, uint8 (num, C, 64, 64), decoded from z ~ N(0, temperature^2 I).
 
-        By default each image is the most probable image under p(x|z) (as the official code shows
-        samples); ``pixel_noise=True`` also samples the pixels from p(x|z).
+        ``pixels`` says what each image shows of p(x|z): ``"mean"`` (default; pixel probabilities
+        as grey levels for Bernoulli, the nearest bin to the mean for the logistic), ``"mode"`` (the
+        most probable image, as the official code shows samples) or ``"sample"`` (pixels drawn).
         """
         if not isinstance(num, int) or isinstance(num, bool) or num < 1:
             raise ValueError(f"num must be a positive int, got {num!r}")
@@ -218,10 +219,23 @@ class VanillaVAE(nn.Module):
         device = self.step.device
         gen_device = generator.device if generator is not None else device
         z = torch.randn((num, self.config.z_dim), generator=generator, device=gen_device).to(device)
-        params = self.decode(z * temperature)
-        if not pixel_noise:
+        return self._pixels(self.decode(z * temperature), pixels, generator)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, pixels: str = "mean") -> torch.Tensor:
+        """Decoded posterior means of uint8 ``images``, uint8 of the same shape (``pixels`` as in
+        :meth:`sample`): what the latent code keeps of each input."""
+        return self._pixels(self.decode(self.encode_mean(images)), pixels, None)
+
+    def _pixels(self, params: torch.Tensor, pixels: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+        if pixels == "mean":
+            return self.likelihood.mean_image(params)
+        if pixels == "mode":
             return self.likelihood.mode(params)
-        return self.likelihood.sample(params.to(gen_device), generator=generator).to(device)
+        if pixels == "sample":
+            gen_device = generator.device if generator is not None else params.device
+            return self.likelihood.sample(params.to(gen_device), generator=generator).to(params.device)
+        raise ValueError(f"pixels must be 'mean', 'mode' or 'sample', got {pixels!r}")
 
 
 def official_init(module: nn.Module) -> None:

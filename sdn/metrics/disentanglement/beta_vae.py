@@ -23,23 +23,28 @@ def compute_beta_vae(
     batch_size: int = 64,
     num_train: int = 10000,
     num_eval: int = 5000,
+    encode_batch_size: int = 128,
 ) -> dict[str, float]:
-    """BetaVAE score: ``train_accuracy`` and ``eval_accuracy`` of the fixed-factor classifier."""
+    """BetaVAE score: ``train_accuracy`` and ``eval_accuracy`` of the fixed-factor classifier.
+
+    ``encode_batch_size`` is how many observations go through ``representation_fn`` at once (it
+    changes no draw and no score)."""
     sizes = utils.factor_sizes(ground_truth_data)
     utils.require_at_least(len(sizes), 2, "factors", "BetaVAE score")
     batch_size = utils.check_positive_int(batch_size, "batch_size")
     num_train = utils.check_positive_int(num_train, "num_train")
     num_eval = utils.check_positive_int(num_eval, "num_eval")
+    encode_batch_size = utils.check_positive_int(encode_batch_size, "encode_batch_size")
     random_state = utils.make_random_state(seed)
 
     train_x, train_y = _generate_points(
-        ground_truth_data, representation_fn, len(sizes), batch_size, num_train, random_state
+        ground_truth_data, representation_fn, len(sizes), batch_size, num_train, random_state, encode_batch_size
     )
     model = LogisticRegression(random_state=int(seed))
     model.fit(train_x, train_y)
     train_accuracy = float(np.mean(model.predict(train_x) == train_y))
     eval_x, eval_y = _generate_points(
-        ground_truth_data, representation_fn, len(sizes), batch_size, num_eval, random_state
+        ground_truth_data, representation_fn, len(sizes), batch_size, num_eval, random_state, encode_batch_size
     )
     eval_accuracy = float(np.mean(model.predict(eval_x) == eval_y))
     return {"train_accuracy": train_accuracy, "eval_accuracy": eval_accuracy}
@@ -52,21 +57,30 @@ def _generate_points(
     batch_size: int,
     num_points: int,
     random_state: np.random.RandomState,
+    encode_batch_size: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``num_points`` (feature, fixed-factor label) pairs; random draws in the reference's order."""
+    """``num_points`` (feature, fixed-factor label) pairs; random draws in the reference's order,
+    observations encoded ``utils.POINTS_PER_ENCODE`` points at a time."""
     features, labels = [], np.zeros(num_points, dtype=np.int64)
+    groups: list[np.ndarray] = []
+
+    def flush() -> None:
+        for codes in utils.encode_groups(representation_fn, groups, encode_batch_size):
+            features.append(np.mean(np.abs(codes[:batch_size] - codes[batch_size:]), axis=0))
+        groups.clear()
+
     for i in tqdm(range(num_points), desc="BetaVAE points", leave=False, disable=None):
         index = random_state.randint(num_factors)
         factors1 = ground_truth_data.sample_factors(batch_size, random_state)
         factors2 = ground_truth_data.sample_factors(batch_size, random_state)
         factors2[:, index] = factors1[:, index]
-        observations = np.concatenate(
-            [
-                ground_truth_data.sample_observations_from_factors(factors1, random_state),
-                ground_truth_data.sample_observations_from_factors(factors2, random_state),
-            ]
-        )
-        codes = utils.represent(representation_fn, observations, 2 * batch_size)
-        features.append(np.mean(np.abs(codes[:batch_size] - codes[batch_size:]), axis=0))
+        groups.append(np.concatenate([
+            ground_truth_data.sample_observations_from_factors(factors1, random_state),
+            ground_truth_data.sample_observations_from_factors(factors2, random_state),
+        ]))
         labels[i] = index
+        if len(groups) == utils.POINTS_PER_ENCODE:
+            flush()
+    if groups:
+        flush()
     return np.stack(features), labels

@@ -65,6 +65,22 @@ def represent(
     return codes
 
 
+POINTS_PER_ENCODE = 64  # BetaVAE/FactorVAE points whose observations share one encoder call
+
+
+def encode_groups(representation_fn: RepresentationFn, groups: Sequence[np.ndarray],
+                  encode_batch_size: int) -> list[np.ndarray]:
+    """Codes of several observation groups, encoded together in batches of ``encode_batch_size``.
+
+    The metrics that draw a small group of observations per training point (BetaVAE, FactorVAE)
+    collect ``POINTS_PER_ENCODE`` groups first, so the encoder sees batches of an efficient size;
+    the random stream is consumed in exactly the reference's order, since encoding draws nothing.
+    """
+    sizes = [len(g) for g in groups]
+    codes = represent(representation_fn, np.concatenate(groups), encode_batch_size)
+    return np.split(codes, np.cumsum(sizes)[:-1])
+
+
 def sample_codes_and_factors(
     ground_truth_data: GroundTruthData,
     representation_fn: RepresentationFn,

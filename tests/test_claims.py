@@ -1,0 +1,90 @@
+"""Claim verdicts: the stated rule on hand-made CIs, chance levels, degenerate flags, and the CI
+of each claim row against scipy's Welch t-interval."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sdn import claims
+
+
+@pytest.mark.parametrize("low, high, lower_is_better, expected", [
+    (-0.3, -0.1, True, "supported"),      # sdn lower, lower is better
+    (0.1, 0.3, True, "contradicted"),
+    (-0.1, 0.2, True, "inconclusive"),
+    (0.1, 0.3, False, "supported"),       # sdn higher, higher is better
+    (-0.3, -0.1, False, "contradicted"),
+    (-0.2, 0.0, False, "inconclusive"),   # touching 0 does not exclude it
+    (math.nan, math.nan, True, "inconclusive"),
+])
+def test_verdict_rule(low, high, lower_is_better, expected):
+    assert claims.verdict(low, high, lower_is_better) == expected
+
+
+def test_chance_levels():
+    assert claims.chance_level("beta_vae.eval_accuracy", 5) == pytest.approx(0.2)
+    assert claims.chance_level("factor_vae.eval_accuracy", 4) == pytest.approx(0.25)
+    assert claims.chance_level("beta_vae.eval_accuracy", None) is None
+    assert claims.chance_level("mig.discrete_mig", 5) == 0.0
+    assert claims.chance_level("dci.informativeness_test", 5) is None
+
+
+def _record(family, model, seed, **metrics):
+    return {"family": family, "dataset": "d", "model": model, "seed": seed, "metrics": metrics}
+
+
+def _density(sdn_values, cnn_values):
+    return ([_record("density", "sdn", s, iw_bpd=v) for s, v in enumerate(sdn_values)]
+            + [_record("density", "cnn", s, iw_bpd=v) for s, v in enumerate(cnn_values)])
+
+
+def test_claim_row_ci_matches_scipy_welch_interval():
+    a, b = [5.01, 5.05, 4.98, 5.02], [5.31, 5.22, 5.40]
+    claim = claims.Claim("lower bpd", "density", "iw_bpd", "cnn", True)
+    (row,) = claims.claim_rows(_density(a, b), [claim], confidence=0.95)
+    # scipy >= 1.11: the Welch interval of mean(a) - mean(b) straight from the test result
+    expected = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert row["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert row["ci_low"] == pytest.approx(expected.low)
+    assert row["ci_high"] == pytest.approx(expected.high)
+    assert row["half_width"] == pytest.approx((expected.high - expected.low) / 2)
+    assert row["seeds"] == "4 vs 3" and row["verdict"] == "supported"
+
+
+def test_identical_metric_is_not_judged():
+    claim = claims.Claim("lower bpd", "density", "iw_bpd", "cnn", True)
+    (row,) = claims.claim_rows(_density([6.0] * 3, [6.0] * 3), [claim])
+    assert row["verdict"].startswith("not judged") and "every run" in row["verdict"]
+
+
+def _dis(model, accuracies, active):
+    return [_record("disentanglement", model, s, **{"beta_vae.eval_accuracy": acc, "active_units.count": n})
+            for s, (acc, n) in enumerate(zip(accuracies, active))]
+
+
+def test_collapsed_model_is_not_judged():
+    claim = claims.Claim("better", "disentanglement", "beta_vae.eval_accuracy", "cnn", False)
+    recs = _dis("sdn", [0.7, 0.75, 0.72], [6, 2, 7]) + _dis("cnn", [0.6, 0.62, 0.61], [5, 5, 6])
+    (row,) = claims.claim_rows(recs, [claim], num_factors={"d": 5})
+    assert "sdn collapsed (2 active dimensions" in row["verdict"]
+
+
+def test_chance_level_score_is_not_judged_and_healthy_one_is():
+    claim = claims.Claim("better", "disentanglement", "beta_vae.eval_accuracy", "cnn", False)
+    at_chance = _dis("sdn", [0.21, 0.22, 0.20], [6, 6, 6]) + _dis("cnn", [0.6, 0.62, 0.61], [5, 5, 6])
+    (row,) = claims.claim_rows(at_chance, [claim], num_factors={"d": 5})
+    assert "sdn mean 0.210 is at chance level (0.200)" in row["verdict"]
+    healthy = _dis("sdn", [0.51, 0.53, 0.52], [6, 6, 6]) + _dis("cnn", [0.6, 0.62, 0.61], [5, 5, 6])
+    (row,) = claims.claim_rows(healthy, [claim], num_factors={"d": 5})
+    assert row["verdict"] == "contradicted"
+
+
+def test_default_claims_cover_both_density_baselines_and_each_score():
+    found = claims.default_claims(["beta_vae.eval_accuracy", "mig.discrete_mig"])
+    assert [(c.family, c.metric, c.baseline, c.lower_is_better) for c in found] == [
+        ("density", "iw_bpd", "cnn", True), ("density", "iw_bpd", "cnn_matched", True),
+        ("disentanglement", "beta_vae.eval_accuracy", "cnn", False),
+        ("disentanglement", "mig.discrete_mig", "cnn", False),
+    ]
