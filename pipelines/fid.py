@@ -53,7 +53,9 @@ def fid_run(study: Study, run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, __file__, fid_run, argv, family="density")
+    # Without Inception weights every seed only writes "n/a": not worth a process each.
+    run_stage(__doc__, __file__, fid_run, argv, family="density",
+              side_by_side=lambda study: bool(study.params["fid"]["weights_path"]))
 
 
 if __name__ == "__main__":

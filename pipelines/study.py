@@ -478,15 +478,17 @@ def dataset_params(params_path: str | Path, name: str) -> dict[str, Any]:
 
 
 def run_stage(description: str, script: str | Path, run_one: "Callable[[Study, Run], None]",
-              argv: list[str] | None = None, family: str | None = None) -> None:
+              argv: list[str] | None = None, family: str | None = None,
+              side_by_side: "Callable[[Study], bool]" = lambda study: True) -> None:
     """The CLI of a per-model stage: ``--family --dataset --model [--seed] [--params]``.
 
     Validates the whole study, then calls ``run_one(study, run)`` for the stage's runs: the one
     ``--seed``, or every seed of the study. ``study.runs_at_once`` > 1 runs the seeds side by side,
     each as ``script --seed s`` in its own process with ``study.threads_per_run`` threads (two
     one-thread runs use two cores best: benchmarks/parallelism.py); otherwise they run one after the
-    other in this process (so a ``torchrun`` launcher spans every seed). A failed seed does not stop
-    the others; the stage then fails naming it.
+    other in this process (so a ``torchrun`` launcher spans every seed), as they also do when
+    ``side_by_side(study)`` says the work is too small to pay for extra processes. A failed seed
+    does not stop the others; the stage then fails naming it.
     """
     parser = argparse.ArgumentParser(description=description)
     if family is None:
@@ -499,7 +501,7 @@ def run_stage(description: str, script: str | Path, run_one: "Callable[[Study, R
     study = load_study(args.params)  # everything is validated before anything runs
     seeds = study.seeds if args.seed is None else [args.seed]
     runs = [study.find_run(family or args.family, args.dataset, args.model, seed) for seed in seeds]
-    if len(runs) == 1 or study.runs_at_once == 1:
+    if len(runs) == 1 or study.runs_at_once == 1 or not side_by_side(study):
         if study.threads_per_run is not None:
             import torch
 

@@ -406,14 +406,20 @@ def _fid_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+MIN_FIGURE_WIDTH = 256  # px: smaller sample grids (16x16 patches) are enlarged to be seen
+
+
 def _samples_mosaic(paths: Sequence[Path], out: Path) -> bool:
-    """Copy the first existing sample grid (lowest seed) of a model to ``out``."""
-    import shutil
+    """Write the first existing sample grid (lowest seed) of a model to ``out``, enlarged by an
+    integer factor with nearest-neighbour pixels when it is narrower than ``MIN_FIGURE_WIDTH``."""
+    from PIL import Image
 
     for path in paths:
         if Path(path).is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, out)
+            with Image.open(path) as image:
+                factor = max(1, -(-MIN_FIGURE_WIDTH // image.width))
+                image.resize((image.width * factor, image.height * factor), Image.NEAREST).save(out)
             return True
     return False
 

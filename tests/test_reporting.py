@@ -167,3 +167,20 @@ def test_build_report_from_metrics_files(tmp_path, monkeypatch):
     assert "## Versions" in index and "## Reduced from the paper" in index
     assert "n/a (no Inception weights: set fid.weights_path)" in (tmp_path / "reports" / "fid.md").read_text()
     assert (tmp_path / "reports" / "figures" / "curves_patches32.png").is_file()
+
+
+def test_small_sample_grids_are_enlarged_pixel_for_pixel(tmp_path):
+    """A grid narrower than the minimum figure width is scaled by a whole factor, each pixel a block;
+    a wide one is copied unchanged; missing seeds are skipped."""
+    small = np.random.default_rng(0).integers(0, 256, (5, 10, 3), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / "small.png")
+    assert reporting._samples_mosaic([tmp_path / "missing.png", tmp_path / "small.png"], tmp_path / "out.png")
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    factor = -(-reporting.MIN_FIGURE_WIDTH // 10)
+    assert out.shape == (5 * factor, 10 * factor, 3)
+    np.testing.assert_array_equal(out, small.repeat(factor, axis=0).repeat(factor, axis=1))
+    wide = np.zeros((4, reporting.MIN_FIGURE_WIDTH + 1, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    reporting._samples_mosaic([tmp_path / "wide.png"], tmp_path / "wide_out.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "wide_out.png")), wide)
+    assert not reporting._samples_mosaic([tmp_path / "missing.png"], tmp_path / "none.png")
