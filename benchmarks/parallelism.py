@@ -125,7 +125,7 @@ def profile(family: str, model_name: str, batch_size: int, steps: int) -> None:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        forward_backward(model, images, use_amp=False)
+        forward_backward(model, images, precision="fp32")
         optimizer.step()
 
     step()

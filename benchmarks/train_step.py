@@ -44,19 +44,19 @@ def _peak_rss_mib() -> float:
 
 
 def benchmark(model_name: str, config_name: str, batch_size: int | None, device_name: str,
-              steps: int, warmup: int, amp: bool, seed: int) -> dict[str, float | int | str]:
+              steps: int, warmup: int, precision: str, seed: int) -> dict[str, float | int | str]:
     """Time ``steps`` training steps after ``warmup`` ones; return the measurements."""
     get_config, build_model = _load_configs()
     config = get_config(config_name)
     device = resolve_device(device_name)
     batch = batch_size or config.batch_size
-    use_amp = amp and device.type == "cuda"
     seed_everything(seed)
     baseline_rss = _peak_rss_mib()
     model = build_model(config, model_name).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, config.channels, config.image_size, config.image_size),
                            dtype=torch.uint8, generator=generator).to(device)
@@ -68,9 +68,15 @@ def benchmark(model_name: str, config_name: str, batch_size: int | None, device_
             torch.cuda.synchronize(device)
         began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out = forward_backward(model, images, use_amp)
+        out = forward_backward(model, images, precision, scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grad_norm_and_clip(model.parameters(), None)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - began
@@ -86,7 +92,7 @@ def benchmark(model_name: str, config_name: str, batch_size: int | None, device_
     times = [step() for _ in range(steps)]
     median = statistics.median(times)
     result: dict[str, float | int | str] = {
-        "model": model_name, "config": config_name, "device": str(device), "amp_bf16": use_amp,
+        "model": model_name, "config": config_name, "device": str(device), "precision": precision,
         "batch_size": batch, "image_shape": f"{config.channels}x{config.image_size}x{config.image_size}",
         "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()),
         "step_s_median": median, "step_s_min": min(times), "images_per_s": batch / median,
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = benchmark(args.model, args.config, args.batch_size, args.device, args.steps, args.warmup,
-                       not args.no_amp, args.seed)
+                       args.precision or ("bf16" if resolve_device(args.device).type == "cuda" else "fp32"), args.seed)
     width = max(len(k) for k in result)
     for key, value in result.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)

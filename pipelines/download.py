@@ -1,6 +1,7 @@
-"""DVC stage: download one dataset archive, verify it, move it into place atomically.
+"""DVC stage: download one dataset archive (or the FID Inception weights), verify it, move it into place atomically.
 
 Usage: ``python pipelines/download.py --dataset NAME [--params params.yaml]``
+       ``python pipelines/download.py --fid-weights [--params params.yaml]`` (stage download_fid_weights)
 
 Reads the section ``data.<NAME>`` of the params file::
 
@@ -15,6 +16,10 @@ Reads the section ``data.<NAME>`` of the params file::
 Archived datasets: cifar10, imagenet32, celebahq256, shapes3d, dsprites (defaults for url, checksum
 and file name are in ``sdn.data.sources.SOURCES``). Embedded datasets have no download step.
 Optional keys: ``timeout`` (s, default 60), ``retries`` (default 2).
+
+``--fid-weights`` reads ``fid.weights`` (``url``; ``sha256_prefix`` and/or ``sha256``) and writes
+``fid.weights_path``. torch-fidelity's file name ends in ``-6726825d``: torch.hub's
+``<name>-<sha256 prefix>.<ext>`` convention, so the prefix is checked against the file's SHA-256.
 """
 
 from __future__ import annotations
@@ -23,19 +28,58 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdn/
 
 from pipelines.study import dataset_params  # noqa: E402
-from sdn.data.download import DownloadError, download  # noqa: E402
+from sdn.data.download import DownloadError, Downloaded, download  # noqa: E402
 from sdn.data.sources import SOURCES  # noqa: E402
+
+FID_WEIGHTS = "fid_weights"  # the name DownloadError and the progress bar give the weights file
+
+
+def fid_weights_params(params_path: str | Path) -> tuple[Path, dict]:
+    """(``fid.weights_path``, ``fid.weights``) of the params file (ValueError naming a missing key)."""
+    with open(params_path) as handle:
+        params = yaml.safe_load(handle) or {}
+    fid = params.get("fid") or {}
+    weights = fid.get("weights")
+    if not isinstance(weights, dict) or not weights.get("url"):
+        raise ValueError(f"{params_path}: fid.weights.url is required")
+    if not fid.get("weights_path"):
+        raise ValueError(f"{params_path}: fid.weights_path (where the weights go) is required")
+    return Path(fid["weights_path"]), weights
+
+
+def download_fid_weights(params_path: str | Path, progress: bool = True) -> Downloaded:
+    """Fetch ``fid.weights.url`` to ``fid.weights_path``, checked against its sha256 (prefix)."""
+    path, weights = fid_weights_params(params_path)
+    return download(
+        FID_WEIGHTS, weights["url"], path, sha256=weights.get("sha256"),
+        sha256_prefix=weights.get("sha256_prefix"), timeout=float(weights.get("timeout", 60)),
+        retries=int(weights.get("retries", 2)), progress=progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help=f"one of {sorted(SOURCES)}")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", help=f"one of {sorted(SOURCES)}")
+    what.add_argument("--fid-weights", action="store_true", help="the FID Inception weights (fid.weights)")
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.fid_weights:
+        try:
+            result = download_fid_weights(args.params, progress=not args.quiet)
+        except DownloadError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        state = "downloaded" if result.fetched else "already present"
+        print(f"[{FID_WEIGHTS}] {state}: {result.path} sha256={result.sha256} "
+              f"{'verified' if result.verified else 'NOT verified (no checksum pinned)'}")
+        return 0
     if args.dataset not in SOURCES:
         parser.error(f"--dataset must be one of {sorted(SOURCES)} (embedded datasets need no download)")
     source = SOURCES[args.dataset]

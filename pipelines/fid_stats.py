@@ -1,7 +1,8 @@
-"""DVC stage: Inception reference statistics (mu, sigma) of one dataset split, written to one ``.npz``.
+"""DVC stage: Inception reference statistics (mu, sigma) of one dataset split, written to one ``.npz``,
+with the features of a seeded subset of ``--kid-features`` images for KID.
 
-Without Inception weights (offline, no ``--weights-path``) it writes a file that records why, so the
-later FID stage reports n/a instead of failing.
+Without Inception weights (no ``--weights-path``, or a path that does not exist: a study that does not
+download them) it writes a file that records why, so the later FID stage reports n/a instead of failing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sdn.metrics.fid import (
 )
 from sdn.metrics.fid_stats import (
     ReferenceStatistics,
-    compute_reference_statistics,
+    compute_reference,
     save_reference_statistics,
     save_unavailable_reference,
 )
@@ -36,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--max-images", type=int, default=0, help="0 = the whole split")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kid-features", type=int, default=10000,
+                        help="features of this many images (a seeded subset) kept for KID (fid.kid.reference_features)")
+    parser.add_argument("--kid-seed", type=int, default=0, help="seed of that subset (fid.kid.seed)")
     return parser.parse_args(argv)
 
 
@@ -53,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = get_dataset(args.dataset, args.split, args.root)
     max_images = args.max_images or None
-    mu, sigma = compute_reference_statistics(dataset, extractor, args.batch_size, args.device, max_images)
+    mu, sigma, features, indices = compute_reference(
+        dataset, extractor, args.batch_size, args.device, max_images, num_features=args.kid_features, seed=args.kid_seed
+    )
     num_images = len(dataset) if max_images is None else min(len(dataset), max_images)
-    stats = ReferenceStatistics(mu, sigma, args.dataset, args.split, num_images, IMPLEMENTATION, VERSION, FEATURE_LAYER)
+    stats = ReferenceStatistics(mu, sigma, args.dataset, args.split, num_images, IMPLEMENTATION, VERSION, FEATURE_LAYER,
+                                features, indices, args.kid_seed if features is not None else None)
     save_reference_statistics(args.out, stats)
-    logging.info("wrote %s (%s)", args.out, stats.describe())
+    logging.info("wrote %s (%s; KID features: %s)", args.out, stats.describe(), stats.describe_features())
     return 0
 
 

@@ -27,7 +27,13 @@ FAMILIES = ("density", "disentanglement")
 DISENTANGLEMENT_MODELS = ("cnn", "sdn")  # the vanilla VAE's decoder kinds
 DENSITY_EVAL_KEYS = {"batch_size": int, "iw_samples": int, "max_examples": Optional[int]}
 SAMPLE_KEYS = {"num": int, "temperature": float}
-FID_KEYS = {"weights_path": str, "num_samples": int, "batch_size": int}
+SAMPLE_OPTIONAL_KEYS = {"temperatures": list[float]}  # extra grids, as the paper shows them
+HOLDOUT_KEYS = {"size": int, "seed": int}
+PRECISION_KEY = "precision"  # in models.<model>: that run's precision (the official script's), over train.precision
+FID_KEYS = {"weights_path": str, "num_samples": int, "batch_size": int, "weights": Mapping, "kid": Mapping}
+FID_WEIGHTS_KEYS = {"url": str, "sha256_prefix": Optional[str], "sha256": Optional[str], "dvc_dep": str}
+FID_KID_KEYS = {"subsets": int, "subset_size": int, "reference_features": int, "seed": int}
+FID_DOWNLOADS = ("inception",)  # study.fid_downloads: the download_fid_weights stage's items
 REPORT_KEYS = {"dir": str, "confidence": float}
 DISENTANGLEMENT_METRIC_KEYS = {"num_train": Optional[int], "num_eval": Optional[int], "batch_size": int,
                                "encode_batch_size": Optional[int], "metrics": list[str]}
@@ -259,15 +265,38 @@ class Study:
     def fid_stats_dir(dataset: str) -> Path:
         return Path("data") / "fid_stats" / dataset
 
+    def holdout(self, dataset: str) -> Optional[Mapping[str, int]]:
+        """``data.<dataset>.validation`` ({size, seed}): images held out of the training split for
+        model selection, or None when the dataset's own validation split is used."""
+        return self.params["data"][dataset].get("validation")
+
     def dataset(self, dataset: str, split: str):
-        """The prepared ``split`` of ``dataset`` (``"test"`` falls back to ``"validation"``)."""
+        """The ``split`` ("train", "validation" or "test") of ``dataset``.
+
+        "test" is the prepared test split (Glow's "validation" where there is no test split). With a
+        hold-out (``data.<dataset>.validation``) "validation" is that many training images and
+        "train" the rest; otherwise "validation" is the dataset's own split, held out from test.
+        """
         from sdn.data import DATASETS, get_dataset
+        from sdn.data.holdout import split_holdout
 
         info = DATASETS[dataset]
-        if split == "test" and "test" not in info.splits:
-            split = "validation" if "validation" in info.splits else info.splits[-1]
         options = dict(self.params["data"][dataset].get("options") or {}) if info.embedded else {}
-        return get_dataset(dataset, split, root=self.data_dir(dataset), **options)
+        holdout = self.holdout(dataset)
+        if split == "test":
+            prepared = "test" if "test" in info.splits else "validation"
+        elif split == "validation" and holdout is None:
+            if not {"validation", "test"} <= set(info.splits):
+                raise StudyError(f"{dataset} has no validation split apart from its test split "
+                                 f"(splits {list(info.splits)}): set data.{dataset}.validation (size, seed)")
+            prepared = "validation"
+        else:
+            prepared = "train"
+        data = get_dataset(dataset, prepared, root=self.data_dir(dataset), **options)
+        if holdout is not None and split in ("train", "validation"):
+            train, validation = split_holdout(data, holdout["size"], holdout["seed"])
+            return train if split == "train" else validation
+        return data
 
     def ground_truth(self, dataset: str):
         """The ``GroundTruthData`` of a factor dataset, for the disentanglement metrics."""
@@ -312,7 +341,7 @@ class Study:
         seeds are independent replicates.
         """
         sec = self.section(family, dataset)
-        overrides = {**sec["overrides"], **sec["models"][model]}
+        overrides = {**sec["overrides"], **{k: v for k, v in sec["models"][model].items() if k != PRECISION_KEY}}
         overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
         if seed is not None:
             overrides["seed"] = int(seed)
@@ -335,7 +364,10 @@ class Study:
                         "batch_size": cfg.batch_size * cfg.num_devices}
         else:
             defaults = {"lr": cfg.lr, "batch_size": cfg.batch_size}
-        values = {**defaults, **self.section(family, dataset)["train"], "seed": int(seed), **changes}
+        sec = self.section(family, dataset)
+        precision = sec["models"][model or self.models(family)[0]].get(PRECISION_KEY)
+        values = {**defaults, **sec["train"], **({PRECISION_KEY: precision} if precision else {}),
+                  "seed": int(seed), **changes}
         return TrainConfig.from_dict(values)
 
     def resolved(self, run: Run) -> dict[str, Any]:
@@ -355,14 +387,20 @@ def validate(params: Mapping[str, Any]) -> Study:
     """Check ``params`` completely (names, keys, types, buildable configs) and return the Study."""
     from sdn.configs import CONFIGS, HVAEConfig
     from sdn.models.vanilla_vae import VAE_CONFIGS, VAEConfig
-    from sdn.training import TrainConfig
+    from sdn.training import PRECISIONS, TrainConfig
 
     if not isinstance(params, Mapping):
         raise StudyError(f"params must be a mapping, got {type(params).__name__}")
     study = _get(params, "", "study")
     check_mapping("study", study, {"name": str, "launcher": str, "seeds": list[int], "runs_at_once": int,
                                    "threads_per_run": Optional[int], "downloads": list[str],
+                                   "fid_downloads": list[str],
                                    "embedded": list[str], "density": Mapping, "disentanglement": Mapping})
+    launcher = study["launcher"].split()
+    if launcher != ["python"] and not any(Path(word).name == "torchrun" for word in launcher):
+        raise StudyError(f"study.launcher must be 'python' or a command that runs torchrun (e.g. 'torchrun "
+                         f"--standalone --nproc_per_node=8', or 'srun … torchrun --nnodes=… --rdzv_endpoint=…' "
+                         f"on a cluster: docs/pipeline.md), got {study['launcher']!r}")
     if study["runs_at_once"] < 1:
         raise StudyError(f"study.runs_at_once must be an int >= 1, got {study['runs_at_once']!r}")
     if study["runs_at_once"] > 1 and study["launcher"] != "python":
@@ -417,6 +455,8 @@ def validate(params: Mapping[str, Any]) -> Study:
                                  f"stage's output in dvc.yaml), got {str(archive)!r}")
         if "options" in sec:
             check_value(f"data.{dataset}.options", sec["options"], Mapping)
+        if "validation" in sec:
+            check_mapping(f"data.{dataset}.validation", sec["validation"], HOLDOUT_KEYS)
 
     hvae_schema, vae_schema = dataclass_schema(HVAEConfig), dataclass_schema(VAEConfig)
     train_schema = {k: v for k, v in dataclass_schema(TrainConfig).items() if k != "seed"}
@@ -436,8 +476,11 @@ def validate(params: Mapping[str, Any]) -> Study:
                 raise StudyError(f"{path}.config: unknown config {sec['config']!r}; allowed: {sorted(configs)}")
             check_mapping(f"{path}.overrides", sec["overrides"], schema, required=False)
             for model in study[family]["models"]:
-                check_mapping(f"{path}.models.{model}", _get(sec["models"], f"{path}.models", model), schema,
-                              required=False)
+                section = _get(sec["models"], f"{path}.models", model)
+                check_mapping(f"{path}.models.{model}", section, {**schema, PRECISION_KEY: str}, required=False)
+                if PRECISION_KEY in section and section[PRECISION_KEY] not in PRECISIONS:
+                    raise StudyError(f"{path}.models.{model}.{PRECISION_KEY} must be one of {list(PRECISIONS)}, "
+                                     f"got {section[PRECISION_KEY]!r}")
             train = sec["train"]
             if isinstance(train, Mapping) and "seed" in train:
                 raise StudyError(f"{path}.train.seed is not allowed: the seed comes from study.seeds")
@@ -445,12 +488,23 @@ def validate(params: Mapping[str, Any]) -> Study:
             missing = sorted(required_fields(TrainConfig) - set(train) - {"batch_size"})
             if missing:
                 raise StudyError(f"{path}.train: missing key(s) {missing}")
-            check_mapping(f"{path}.samples", sec["samples"], SAMPLE_KEYS)
+            check_mapping(f"{path}.samples", {k: v for k, v in sec["samples"].items() if k not in SAMPLE_OPTIONAL_KEYS}
+                          if isinstance(sec["samples"], Mapping) else sec["samples"], SAMPLE_KEYS)
+            for key, hint in SAMPLE_OPTIONAL_KEYS.items():
+                if isinstance(sec["samples"], Mapping) and key in sec["samples"]:
+                    check_value(f"{path}.samples.{key}", sec["samples"][key], hint)
+            if family == "density" and train.get("eval_every") is not None:
+                from sdn.data import DATASETS
+
+                if "validation" not in data[dataset] and not {"validation", "test"} <= set(DATASETS[dataset].splits):
+                    raise StudyError(f"{path}.train.eval_every needs a validation split: {dataset} has none apart "
+                                     f"from its test split, so set data.{dataset}.validation (size, seed)")
             if family == "density":
                 check_mapping(f"{path}.eval", sec["eval"], DENSITY_EVAL_KEYS)
             else:
                 check_mapping(f"{path}.metrics", sec["metrics"], DISENTANGLEMENT_METRIC_KEYS, required=False)
     check_mapping("fid", _get(params, "", "fid"), FID_KEYS)
+    _check_fid(params["fid"], _names("study.fid_downloads", study["fid_downloads"], FID_DOWNLOADS, "item(s)"))
     check_mapping("report", _get(params, "", "report"), REPORT_KEYS)
 
     result = Study(params)
@@ -464,6 +518,39 @@ def validate(params: Mapping[str, Any]) -> Study:
                 except ValueError as err:
                     raise StudyError(f"{family}.{dataset} (model {model}): {err}") from err
     return result
+
+
+def _check_fid(fid: Mapping[str, Any], downloads: list[str]) -> None:
+    """The ``fid.weights`` / ``fid.kid`` blocks, and the weights path against ``study.fid_downloads``."""
+    check_mapping("fid.weights", fid["weights"], FID_WEIGHTS_KEYS)
+    check_mapping("fid.kid", fid["kid"], FID_KID_KEYS)
+    weights, path = fid["weights"], fid["weights_path"]
+    if not re.match(r"^https?://", weights["url"]):
+        raise StudyError(f"fid.weights.url must start with http:// or https://, got {weights['url']!r}")
+    for key, pattern, what in (("sha256_prefix", r"[0-9a-fA-F]{8,64}", "8 to 64 hex digits"),
+                               ("sha256", r"[0-9a-fA-F]{64}", "64 hex digits")):
+        if weights[key] is not None and not re.fullmatch(pattern, weights[key]):
+            raise StudyError(f"fid.weights.{key} must be null or {what}, got {weights[key]!r}")
+    for key in ("subsets", "subset_size", "reference_features"):
+        if fid["kid"][key] < (2 if key == "subset_size" else 1):
+            raise StudyError(f"fid.kid.{key} must be an int >= {2 if key == 'subset_size' else 1}, got {fid['kid'][key]!r}")
+    # DVC has no optional dependencies: the fid_stats stages depend on fid.weights.dvc_dep, the weights
+    # file where a stage downloads it, else a file they depend on anyway.
+    if downloads:
+        if weights["sha256_prefix"] is None and weights["sha256"] is None:
+            raise StudyError("study.fid_downloads is set: pin fid.weights.sha256_prefix or fid.weights.sha256")
+        if Path(path).is_absolute() or ".." in Path(path).parts or Path(path).parts[:3] != ("data", "raw", "fid"):
+            raise StudyError(f"fid.weights_path must be a file in data/raw/fid/ (the download_fid_weights stage's "
+                             f"output in dvc.yaml) when study.fid_downloads is set, got {path!r}")
+        if weights["dvc_dep"] != path:
+            raise StudyError(f"fid.weights.dvc_dep must be fid.weights_path ({path!r}) when study.fid_downloads "
+                             f"is set, got {weights['dvc_dep']!r}")
+    elif weights["dvc_dep"] != FID_STATS_SCRIPT:
+        raise StudyError(f"fid.weights.dvc_dep must be {FID_STATS_SCRIPT!r} when study.fid_downloads is empty (no "
+                         f"stage makes the weights file), got {weights['dvc_dep']!r}")
+
+
+FID_STATS_SCRIPT = "pipelines/fid_stats.py"
 
 
 def dataset_params(params_path: str | Path, name: str) -> dict[str, Any]:

@@ -31,15 +31,11 @@ from sdn.training import train  # noqa: E402
 
 def validation_bpd_fn(study, run):
     """``eval_fn`` of a density run: ELBO bits/dim of the whole validation split (one posterior
-    sample per image, the trainer fixes the seed), so the curve shows held-out progress."""
-    from sdn.data import DATASETS
+    sample per image, the trainer fixes the seed), so the curve shows held-out progress and
+    ``train.keep_best: elbo_bpd`` can select the checkpoint on it."""
     from sdn.scores import evaluate_bpd
     from torch.utils.data import DataLoader
 
-    splits = DATASETS[run.dataset].splits
-    if not {"validation", "test"} <= set(splits):
-        raise ValueError(f"{run.family}.{run.dataset}.train.eval_every is set, but {run.dataset} has no "
-                         f"validation split held out from its test split (splits: {list(splits)})")
     loader = DataLoader(study.dataset(run.dataset, "validation"),
                         batch_size=study.section(run.family, run.dataset)["eval"]["batch_size"])
 
@@ -64,6 +60,14 @@ def save_reconstructions(model: torch.nn.Module, dataset, path: Path) -> None:
     recons = model.reconstruct(inputs)
     torchvision.utils.save_image(torch.cat([inputs, recons]).float() / 255.0, path, nrow=RECONSTRUCTED,
                                  padding=1)
+
+
+def sample_grids(paths, samples_cfg) -> list[tuple[float, Path]]:
+    """(temperature, PNG path) of every sample grid of a run: the main grid at ``temperature``
+    (the one FID uses) first, then one per extra ``temperatures`` entry (the paper's 0.6-1.0)."""
+    extra = [float(t) for t in samples_cfg.get("temperatures", []) if float(t) != float(samples_cfg["temperature"])]
+    return [(float(samples_cfg["temperature"]), paths.samples)] + [
+        (t, paths.samples.with_name(f"{paths.samples.stem}_t{t:g}.png")) for t in extra]
 
 
 def train_run(study: Study, run: Run) -> None:
@@ -115,17 +119,23 @@ def train_run(study: Study, run: Run) -> None:
     remove_other_checkpoints(checkpoint_dir)
     shutil.copyfile(curve, paths.curve)
     eval_model = result.eval_model.eval()
+    if result.best_state is not None:  # train.keep_best: the weights of the best validation step
+        eval_model.load_state_dict(result.best_state)
     torch.save(eval_model.state_dict(), paths.weights)
     samples_cfg = study.section(run.family, run.dataset)["samples"]
-    images = eval_model.cpu().sample(samples_cfg["num"], temperature=samples_cfg["temperature"],
-                                     generator=make_generator(run.seed))
-    nrow = max(1, int(round(samples_cfg["num"] ** 0.5)))
-    torchvision.utils.save_image(images.float() / 255.0, paths.samples, nrow=nrow, padding=1)
+    eval_model = eval_model.cpu()
+    for temperature, path in sample_grids(paths, samples_cfg):
+        images = eval_model.sample(samples_cfg["num"], temperature=temperature, generator=make_generator(run.seed))
+        nrow = max(1, int(round(samples_cfg["num"] ** 0.5)))
+        torchvision.utils.save_image(images.float() / 255.0, path, nrow=nrow, padding=1)
     if run.family == "disentanglement":
         save_reconstructions(eval_model, study.dataset(run.dataset, "train"), paths.reconstructions)
 
     final = {f"train_{k}": float(v) for k, v in result.metrics.items()}
     metrics = {"num_params": num_params, "steps": result.steps, **final}
+    if result.best is not None:  # which evaluation was selected, and its validation score
+        metrics["selected_step"] = int(result.best["step"])
+        metrics.update({f"selected_validation_{k}": float(v) for k, v in result.best["metrics"].items()})
     paths.train_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
     tracker.log_metrics(run_id, metrics, step=result.steps)
@@ -133,6 +143,8 @@ def train_run(study: Study, run: Run) -> None:
         resolved = Path(tmp) / "resolved_config.json"
         resolved.write_text(json.dumps(study.resolved(run), indent=2, default=str) + "\n")
         tracker.log_artifact(run_id, resolved)
+    for temperature, path in sample_grids(paths, samples_cfg)[1:]:
+        tracker.log_artifact(run_id, path, "samples", name=f"samples_t{temperature:g}.png")
     tracker.log_artifact(run_id, paths.samples, name="samples.png")
     if run.family == "disentanglement":
         tracker.log_artifact(run_id, paths.reconstructions, name="reconstructions.png")

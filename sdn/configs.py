@@ -83,19 +83,24 @@ class HVAEConfig:
         return dataclasses.replace(self, **changes)
 
 
+# The paper's configs follow the official scripts (djordjemila/sdn) at the revisions named below;
+# earlier revisions differ (docs/pipeline.md, "Which official revision").
 CONFIGS: dict[str, HVAEConfig] = {
+    # train_cifar.sh at e70fddd2810df924ec2aa4cfbda1a373d031422d (SDN line; the CNN line: sdn_max_scale 0)
     "cifar10": HVAEConfig(
         name="cifar10", image_size=32, bits=8, depth=15, ds_list=(5, 10), h_size=200, z_size=4,
         sdn_max_scale=32, sdn_nfeat_0=360, sdn_nfeat_diff=128, sdn_num_dirs=2, mixtures=5,
         lr=0.002, lr_decay=0.999, ema=0.999, batch_size=32, num_devices=8,
         sampling_temperature=0.85, seed=1234, hflip=True,
     ),
+    # train_imagenet.sh at 4e0d8685ac130d1b8c72f316c882d81dea2a5c83
     "imagenet32": HVAEConfig(
         name="imagenet32", image_size=32, bits=8, depth=16, ds_list=(3, 7, 11), h_size=200, z_size=4,
         sdn_max_scale=32, sdn_nfeat_0=424, sdn_nfeat_diff=0, sdn_num_dirs=3, mixtures=10,
         lr=0.002, lr_decay=1.0, ema=0.9995, batch_size=32, num_devices=8,
         sampling_temperature=1.0, seed=13, hflip=False,
     ),
+    # train_celeb.sh at e70fddd2810df924ec2aa4cfbda1a373d031422d
     "celebahq256": HVAEConfig(
         name="celebahq256", image_size=256, bits=5, depth=17, ds_list=(4, 7, 9, 11, 13, 15), h_size=200,
         z_size=8, sdn_max_scale=64, sdn_nfeat_0=400, sdn_nfeat_diff=80, sdn_num_dirs=2, mixtures=30,

@@ -44,6 +44,7 @@ class DistContext:
     local_rank: int
     world_size: int
     device: torch.device
+    distributed: bool = False  # a process group exists (torchrun sets WORLD_SIZE, even to 1)
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +53,8 @@ class DistContext:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        """Part of a torchrun job (a process group), even of one rank: the model is then DDP-wrapped."""
+        return self.distributed or self.world_size > 1
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -72,19 +74,21 @@ def setup_distributed(device: str = "auto") -> DistContext:
     """Join the torchrun job described by the environment (WORLD_SIZE/RANK/LOCAL_RANK), if any.
 
     Initialises the default process group (nccl on CUDA, gloo on CPU) unless one exists already;
-    without torchrun variables this is a single-process context.
+    a torchrun job of one rank (``WORLD_SIZE=1``) is still a DDP job. Without torchrun variables
+    this is a single-process context.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     torch_device = resolve_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     if dist.is_available() and dist.is_initialized():
-        return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), torch_device)
-    if world_size > 1:
+        return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), torch_device, True)
+    if world_size > 1 or launched:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-        return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), torch_device)
+        return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), torch_device, True)
     return DistContext(0, local_rank, 1, torch_device)
 
 

@@ -390,18 +390,35 @@ def reductions(study: Any) -> list[str]:
 
 
 def _fid_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per density model: FID and KID (torch-fidelity) over seeds; where they are n/a, the
+    ``seeds_shown`` cell gives the recorded reason instead of a seed count of 0."""
     rows = []
     for dataset, model in _keys([r for r in records if r["family"] == "density"]):
         fids = [r["fid"] for r in records if r["dataset"] == dataset and r["model"] == model and r["fid"]]
-        values = [f["value"] for f in fids if f.get("available")]
-        s = summarize(values)
-        reasons = sorted({f.get("reason") or "" for f in fids if not f.get("available")})
-        first = fids[0] if fids else {}
+        s = summarize([f["value"] for f in fids if f.get("available")])
+        kid = [f for f in fids if f.get("kid_available")]
+        k = summarize([f["kid_mean"] for f in kid])
+        k_milli = summarize([1000.0 * f["kid_mean"] for f in kid])
+        reasons = "; ".join(sorted({f.get("reason") or "" for f in fids if not f.get("available")}))
+        kid_reasons = "; ".join(sorted({f.get("kid_reason") or "" for f in fids
+                                        if f.get("available") and not f.get("kid_available")}))
+        first = kid[0] if kid else (fids[0] if fids else {})
+        if not fids:
+            shown = NA
+        elif s.n == len(fids):
+            shown = str(s.n)
+        else:
+            shown = f"{s.n} of {len(fids)} (n/a ({reasons}))" if s.n else f"n/a ({reasons})"
+        subsets = (f"{first['kid_subsets']} x {first['kid_subset_size']}" if first.get("kid_subset_size") else NA)
         rows.append({
             "dataset": dataset, "model": model, "fid_mean": s.mean, "fid_std": s.std, "seeds": s.n,
-            "fid": fmt_pm(s, 2) if s.n else (f"n/a ({'; '.join(reasons)})" if reasons else NA),
+            "kid_mean": k.mean, "kid_std": k.std, "kid_seeds": k.n, "seeds_shown": shown,
+            "fid": fmt_pm(s, 2) if s.n else NA,
+            "kid_x1000": fmt_pm(k_milli, 3) if k.n else (f"n/a ({kid_reasons})" if kid_reasons else NA),
             "implementation": f"{first.get('implementation', NA)} {first.get('version', '')}".strip(),
             "num_samples": first.get("num_samples"), "reference": first.get("reference") or NA,
+            "kid_subsets": subsets, "kid_reference": first.get("kid_reference") or NA,
+            "reason": reasons or kid_reasons or None,
         })
     return rows
 
@@ -482,14 +499,19 @@ def build_report(study: Any, paper: Mapping[str, Any], out_dir: Path, confidence
 
     # FID.
     frows = _fid_rows(dens)
-    fid_md = ["# FID (lower is better)\n",
-              "Inception-v3 pool3 features of model samples vs. the training split's reference statistics; "
-              "implementation, sample count and reference as recorded by the fid stage.\n",
-              markdown_table(frows, ["dataset", "model", "fid", "seeds", "implementation", "num_samples", "reference"])]
+    fid_md = ["# FID and KID (lower is better)\n",
+              "Inception-v3 pool3 features of model samples vs. the training split's reference statistics (FID) "
+              "and a seeded subset of its features (KID: unbiased MMD² with the kernel (x·y/d + 1)³, mean over "
+              "`kid subsets` random subsets of the given size, shown ×10³; mean ± std over seeds); "
+              "implementation, sample count and references as recorded by the fid stage.\n",
+              markdown_table([{**r, "seeds": r["seeds_shown"], "kid ×10³": r["kid_x1000"]} for r in frows],
+                             ["dataset", "model", "fid", "kid ×10³", "seeds", "implementation", "num_samples",
+                              "reference", "kid_subsets", "kid_reference"])]
     (out_dir / "fid.md").write_text("\n".join(fid_md))
-    write_csv(frows, ["dataset", "model", "fid_mean", "fid_std", "seeds", "implementation", "num_samples", "reference"],
+    write_csv(frows, ["dataset", "model", "fid_mean", "fid_std", "seeds", "kid_mean", "kid_std", "kid_seeds",
+                      "implementation", "num_samples", "reference", "kid_subsets", "kid_reference", "reason"],
               out_dir / "fid.csv")
-    index += ["## FID\n", "\n".join(fid_md[1:])]
+    index += ["## FID and KID\n", "\n".join(fid_md[1:])]
 
     # Disentanglement.
     all_names = sorted({k for r in dis for k in r["metrics"]})
@@ -530,6 +552,15 @@ def build_report(study: Any, paper: Mapping[str, Any], out_dir: Path, confidence
                 name = f"samples_{dataset}_{model}.png"
                 if _samples_mosaic([r["samples"] for r in seeds], figures / name):
                     index.append(f"**{dataset} / {model}**\n\n![samples {dataset} {model}](figures/{name})\n")
+                samples_cfg = study.section(family, dataset)["samples"]
+                for temperature in samples_cfg.get("temperatures", []):
+                    if float(temperature) == float(samples_cfg["temperature"]):
+                        continue
+                    name = f"samples_{dataset}_{model}_t{temperature:g}.png"
+                    grids = [r["samples"].with_name(f"{r['samples'].stem}_t{temperature:g}.png") for r in seeds]
+                    if _samples_mosaic(grids, figures / name):
+                        index.append(f"Temperature {temperature:g}:\n\n![samples {dataset} {model} "
+                                     f"t{temperature:g}](figures/{name})\n")
                 recon = f"reconstructions_{dataset}_{model}.png"
                 if _samples_mosaic([r["reconstructions"] for r in seeds], figures / recon):
                     index.append(f"Reconstructions (top: inputs, bottom: decoded posterior means):\n\n"
@@ -546,8 +577,12 @@ def build_report(study: Any, paper: Mapping[str, Any], out_dir: Path, confidence
             index.append(f"- {family} `{dataset}`: config `{sec['config']}`, models {study.models(family)}, "
                          f"{train.steps} steps, global batch {train.batch_size}, lr {train.lr} ({train.lr_schedule})")
     fid = study.params["fid"]
-    index.append(f"- FID: {fid['num_samples']} samples, weights "
-                 f"{'`' + fid['weights_path'] + '`' if fid['weights_path'] else 'none (FID n/a)'}\n")
+    kid = fid.get("kid") or {}
+    weights = (f"`{fid['weights_path']}`" + ("" if Path(fid["weights_path"]).is_file() else " (not present: FID n/a)")
+               if fid["weights_path"] else "none (FID n/a)")
+    index.append(f"- FID and KID: {fid['num_samples']} samples, weights {weights}"
+                 + (f"; KID {kid['subsets']} subsets of {kid['subset_size']}, {kid['reference_features']} "
+                    f"reference features (seed {kid['seed']})" if kid else "") + "\n")
     tuned = [(f"{family} `{dataset}`", line) for family in ("density", "disentanglement")
              for dataset in study.datasets(family) for line in study.section(family, dataset).get("tuned", [])]
     if tuned:
@@ -603,7 +638,8 @@ def run_checks(dens: Sequence[Mapping[str, Any]], dis: Sequence[Mapping[str, Any
         rows.append({"dataset": r["dataset"], "model": r["model"], "seed": r["seed"],
                      "val_bpd_final": val_final, "val_change_last_quarter": change,
                      "train_elbo_bpd": train, "test_elbo_bpd": test, "train_minus_test_bpd": gap,
-                     "test_iw_bpd": r["metrics"].get("iw_bpd"), "active_dims": None, "failed": "; ".join(failed)})
+                     "test_iw_bpd": r["metrics"].get("iw_bpd"), "active_dims": None, "failed": "; ".join(failed),
+                     "selected_step": r["train"].get("selected_step")})
     for r in dis:
         active = r["metrics"].get("active_units.count")
         failed = []
@@ -659,6 +695,10 @@ def claims_section(study: Any, records: Sequence[Mapping[str, Any]], dens: Seque
           f"holds and of the test split with the same weights (gap: |train − test| ≤ {MAX_TRAIN_TEST_GAP}). "
           f"VAEs: active latent dimensions (Burda et al.: Cov_x(E_q[z_j]) > 0.01; collapsed below "
           f"{MIN_ACTIVE_DIMS}). {len(failed)} of {len(checks)} runs fail a check.\n"]
+    if any(c.get("selected_step") is not None for c in checks):
+        md.append("Density runs with `train.keep_best` are evaluated on the EMA weights of the validation "
+                  "evaluation with the lowest bpd (`selected_step`); the test split is scored once, on them.\n")
+        dens_cols.insert(3, "selected_step")
     if dens:
         md.append(markdown_table(checks[:len(dens)], dens_cols))
     if dis:

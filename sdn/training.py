@@ -51,9 +51,13 @@ from sdn.seeding import make_generator, seed_everything, seed_worker
 log = logging.getLogger(__name__)
 
 # Config fields that must match when resuming: changing them would silently change the result.
-_RESUME_FIELDS = ("seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_every", "ema_decay", "grad_clip")
+_RESUME_FIELDS = ("seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_every", "ema_decay", "grad_clip",
+                  "precision", "keep_best")
 LR_SCHEDULES = ("exponential", "cosine")
-_RESERVED_METRICS = ("grad_norm", "lr")
+PRECISIONS = ("fp32", "fp16", "bf16")
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_RESERVED_METRICS = ("grad_norm", "lr", "fp16_skipped")
+BEST_NAME = "best.pt"  # the evaluation weights at the best ``keep_best`` value, beside the checkpoint
 _EVAL_SEED_KEY = 0xE7A1  # mixes evaluation seeds away from the training streams
 
 
@@ -88,8 +92,13 @@ class TrainConfig:
     once per epoch); "cosine": the rate follows lr * (1 + cos(pi * step / steps)) / 2 down to 0 at
     the last step (for budgeted runs; ``lr_decay`` must then stay 1). ``ema_decay`` None disables EMA;
     ``grad_clip`` None disables clipping (the norm is still logged). ``eval_every`` (None: off)
-    runs ``train(..., eval_fn=...)`` on the EMA model. ``amp`` (bf16 autocast) and
-    ``channels_last`` apply on CUDA only and are ignored on CPU. ``deterministic`` switches on
+    runs ``train(..., eval_fn=...)`` on the EMA model; ``keep_best`` names one of its metrics to
+    minimise: the evaluation weights of the best evaluation are kept (``best.pt`` beside the
+    checkpoint) and returned as ``TrainResult.best_state`` (model selection on a validation split).
+    ``precision`` applies on every device: "fp32"; "fp16" autocast with a GradScaler (its state
+    is checkpointed; steps whose gradients overflow are skipped by the scaler, as in the official
+    ``--amp`` runs, and counted in the ``fp16_skipped`` metric); "bf16" autocast (no scaler).
+    ``channels_last`` applies on CUDA only. ``deterministic`` switches on
     ``torch.use_deterministic_algorithms`` (turn it off only for a CUDA op that has no
     deterministic kernel; runs are then no longer bit-reproducible on GPU).
     """
@@ -105,9 +114,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     eval_every: int | None = None
+    keep_best: str | None = None
     seed: int = 0
     num_workers: int = 0
-    amp: bool = True
+    precision: str = "fp32"
     channels_last: bool = True
     device: str = "auto"
     deterministic: bool = True
@@ -132,7 +142,12 @@ class TrainConfig:
         _check_int("eval_every", self.eval_every, 1, optional=True)
         _check_int("seed", self.seed, 0)
         _check_int("num_workers", self.num_workers, 0)
-        for name in ("amp", "channels_last", "deterministic", "find_unused_parameters", "progress"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.keep_best is not None and (not isinstance(self.keep_best, str) or self.eval_every is None):
+            raise ValueError("TrainConfig.keep_best must name a metric of eval_fn and needs eval_every, "
+                             f"got keep_best={self.keep_best!r} with eval_every={self.eval_every!r}")
+        for name in ("channels_last", "deterministic", "find_unused_parameters", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.device not in DEVICES:
@@ -168,7 +183,8 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     """What a finished run hands back. ``metrics`` are the means over the last logging window
-    (averaged over ranks); ``ema_model`` is None when EMA is off."""
+    (averaged over ranks); ``ema_model`` is None when EMA is off. With ``keep_best``: ``best`` is
+    {"step", "value", "metrics"} of the selected evaluation and ``best_state`` its weights (rank 0)."""
 
     metrics: dict[str, float]
     steps: int
@@ -177,6 +193,8 @@ class TrainResult:
     eval_metrics: dict[str, float] | None
     checkpoint_path: Path | None
     start_step: int
+    best: dict[str, Any] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -185,13 +203,18 @@ class TrainResult:
 
 
 def forward_backward(
-    model: nn.Module, images: torch.Tensor, use_amp: bool = False
+    model: nn.Module, images: torch.Tensor, precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run ``model(images)`` (bf16 autocast on CUDA when ``use_amp``) and backpropagate ``"loss"``.
+    """Run ``model(images)`` under ``precision`` ("fp16"/"bf16": autocast on the images' device) and
+    backpropagate ``"loss"`` (multiplied by ``scaler``'s scale when given).
 
     Returns the model's output dict after checking the contract: scalar tensors including ``"loss"``.
     """
-    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    with torch.autocast(device_type=images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = model(images)
     if not isinstance(out, Mapping) or "loss" not in out:
         raise ValueError(f"model forward must return a dict with a 'loss' entry, got {type(out).__name__}")
@@ -200,7 +223,8 @@ def forward_backward(
             raise ValueError(f"model output {key!r} must be a scalar tensor, got {value!r}")
         if key in _RESERVED_METRICS:
             raise ValueError(f"model output {key!r} clashes with a metric the trainer logs itself")
-    out["loss"].reshape(()).backward()
+    loss = out["loss"].reshape(())
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     return dict(out)
 
 
@@ -256,7 +280,6 @@ def train(
     decay_every = config.lr_decay_every or steps_per_epoch
     ckpt_path = checkpoint_file(checkpoint_dir) if checkpoint_dir is not None else None
     device = ctx.device
-    use_amp = config.amp and device.type == "cuda"
     channels_last = config.channels_last and device.type == "cuda"
     seed_everything(rank_seed(config.seed, ctx.rank), deterministic=config.deterministic)
     if not config.deterministic:
@@ -269,11 +292,13 @@ def train(
         model.to(memory_format=torch.channels_last)
     if state:
         model.load_state_dict(state["model"])
+    best = state.get("best") if state else None
     if state and start_step == config.steps:
         log.info("checkpoint %s is already at step %d: nothing to train", ckpt_path, start_step)
         ema = _make_ema(model, config, state)
         return TrainResult(dict(state["metrics"]), start_step, model, ema.module if ema else None,
-                           state["eval_metrics"], ckpt_path, start_step)
+                           state["eval_metrics"], ckpt_path, start_step, best,
+                           _read_best(checkpoint_dir, best, ctx))
 
     net: nn.Module = model
     if ctx.is_distributed:  # broadcasts rank 0's weights, so EMA below starts identical everywhere
@@ -284,19 +309,24 @@ def train(
     ema = _make_ema(model, config, state)
     optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
     scheduler = _make_scheduler(optimizer, config)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    best_in_memory: dict[str, torch.Tensor] | None = None
     window: dict[str, Any] = {"count": 0, "sums": {}, "lr": None}
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] | None = None
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
         window, metrics, eval_metrics = state["window"], dict(state["metrics"]), state["eval_metrics"]
         _restore_rank_rng(state["rng"], config.seed, start_step, ctx)
         log.info("resuming from %s at step %d", ckpt_path, start_step)
 
     hooks.on_train_start({
         "start_step": start_step, "steps": config.steps, "config": config.to_dict(),
-        "world_size": ctx.world_size, "device": str(device), "steps_per_epoch": steps_per_epoch,
+        "world_size": ctx.world_size, "distributed": ctx.is_distributed, "device": str(device),
+        "steps_per_epoch": steps_per_epoch,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     })
     began = time.perf_counter()
@@ -317,7 +347,8 @@ def train(
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 lr = optimizer.param_groups[0]["lr"]
-                values = _optimizer_step(net, model, images, optimizer, config.grad_clip, use_amp, ctx, step)
+                values = _optimizer_step(net, model, images, optimizer, config.grad_clip, config.precision,
+                                         scaler, ctx, step)
                 if metric_keys is None:
                     metric_keys = sorted(values)
                 elif sorted(values) != metric_keys:  # the all-reduced vector must line up across steps
@@ -335,11 +366,15 @@ def train(
                     hooks.on_step_end(step, metrics)
                     bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "bpd") if k in metrics})
                 if eval_fn is not None and config.eval_every is not None and (step % config.eval_every == 0 or last):
-                    eval_metrics = _evaluate(eval_fn, ema.module if ema else model, config.seed, step, ctx)
+                    eval_module = ema.module if ema else model
+                    eval_metrics = _evaluate(eval_fn, eval_module, config.seed, step, ctx)
                     hooks.on_eval(step, eval_metrics)
+                    if config.keep_best is not None and ctx.is_main and _improves(config.keep_best, eval_metrics, best):
+                        best = {"step": step, "value": eval_metrics[config.keep_best], "metrics": dict(eval_metrics)}
+                        best_in_memory = _keep_best_weights(checkpoint_dir, best, eval_module)
                 if ckpt_path is not None and (step % config.checkpoint_every == 0 or last):
-                    _save(ckpt_path, step, steps_per_epoch, last, model, ema, optimizer, scheduler,
-                          window, metrics, eval_metrics, config, num_samples, ctx, hooks)
+                    _save(ckpt_path, step, steps_per_epoch, last, model, ema, optimizer, scheduler, scaler,
+                          window, metrics, eval_metrics, best, config, num_samples, ctx, hooks)
                 if last:
                     break
     finally:
@@ -348,23 +383,71 @@ def train(
         "start_step": start_step, "steps": step, "metrics": metrics, "eval_metrics": eval_metrics,
         "checkpoint_path": ckpt_path, "wall_time_s": time.perf_counter() - began,
     })
-    return TrainResult(metrics, step, model, ema.module if ema else None, eval_metrics, ckpt_path, start_step)
+    best_state = best_in_memory if best_in_memory is not None else _read_best(checkpoint_dir, best, ctx)
+    return TrainResult(metrics, step, model, ema.module if ema else None, eval_metrics, ckpt_path, start_step,
+                       best, best_state)
 
 
 def _optimizer_step(net: nn.Module, model: nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    grad_clip: float | None, use_amp: bool, ctx: DistContext, step: int) -> dict[str, float]:
+                    grad_clip: float | None, precision: str, scaler: torch.amp.GradScaler | None,
+                    ctx: DistContext, step: int) -> dict[str, float]:
     """Forward/backward, grad norm (+clip), rank-averaged metrics; the update is applied only when
-    the loss and gradient norm are finite (otherwise :class:`NonFiniteLossError`)."""
+    the loss and gradient norm are finite (otherwise :class:`NonFiniteLossError`). Under fp16 a
+    non-finite gradient with a finite loss is an overflow: the GradScaler skips that update and
+    lowers its scale (``fp16_skipped`` = 1, ``grad_norm`` logged as 0 for that step)."""
     optimizer.zero_grad(set_to_none=True)
-    out = forward_backward(net, images, use_amp)
+    out = forward_backward(net, images, precision, scaler)
     keys = sorted(out)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = grad_norm_and_clip(model.parameters(), grad_clip)
     vector = torch.stack([out[k].detach().float().reshape(()) for k in keys] + [norm.float()])
     values = dict(zip([*keys, "grad_norm"], all_reduce_mean(vector, ctx).tolist(), strict=True))
-    if not all(math.isfinite(v) for v in values.values()):
+    overflow = scaler is not None and all(math.isfinite(values[k]) for k in keys) and not math.isfinite(values["grad_norm"])
+    if not overflow and not all(math.isfinite(v) for v in values.values()):
         raise NonFiniteLossError(step, values)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+        return values
+    scaler.step(optimizer)  # skips the update when the unscaled gradients hold inf/NaN
+    scaler.update()
+    if overflow:
+        values["grad_norm"] = 0.0
+    values["fp16_skipped"] = float(overflow)
     return values
+
+
+def _improves(key: str, eval_metrics: Mapping[str, float], best: Mapping[str, Any] | None) -> bool:
+    """Whether ``eval_metrics[key]`` is lower than the best so far (ties keep the earlier step)."""
+    if key not in eval_metrics:
+        raise ValueError(f"TrainConfig.keep_best={key!r} is not a metric of eval_fn (got {sorted(eval_metrics)})")
+    value = eval_metrics[key]
+    return math.isfinite(value) and (best is None or value < best["value"])
+
+
+def _keep_best_weights(checkpoint_dir: str | os.PathLike[str] | None, best: Mapping[str, Any],
+                       module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Write ``module``'s weights as the new best (atomically, beside the checkpoint), or return a
+    CPU copy when the run has no checkpoint directory."""
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    if checkpoint_dir is None:
+        return weights
+    atomic_save({"format_version": FORMAT_VERSION, "step": best["step"], "value": best["value"], "model": weights},
+                Path(checkpoint_dir) / BEST_NAME)
+    return None
+
+
+def _read_best(checkpoint_dir: str | os.PathLike[str] | None, best: Mapping[str, Any] | None,
+               ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The kept best weights (rank 0), checked to be those of the step the checkpoint selected."""
+    if best is None or checkpoint_dir is None or not ctx.is_main:
+        return None
+    path = Path(checkpoint_dir) / BEST_NAME
+    saved = read_checkpoint(path) if path.is_file() else None
+    if saved is None or saved.get("step") != best["step"]:
+        raise RuntimeError(f"{path} does not hold the weights of the selected step {best['step']} "
+                           f"(found step {saved.get('step') if saved else None}); rerun the training from scratch")
+    return saved["model"]
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -437,8 +520,9 @@ def _evaluate(eval_fn: Callable[[nn.Module], Mapping[str, float]], module: nn.Mo
 
 def _save(path: Path, step: int, steps_per_epoch: int, finished: bool, model: nn.Module,
           ema: ExponentialMovingAverage | None, optimizer: torch.optim.Optimizer,
-          scheduler: torch.optim.lr_scheduler.LRScheduler, window: Mapping[str, Any],
-          metrics: Mapping[str, float], eval_metrics: Mapping[str, float] | None, config: TrainConfig,
+          scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+          window: Mapping[str, Any], metrics: Mapping[str, float], eval_metrics: Mapping[str, float] | None,
+          best: Mapping[str, Any] | None, config: TrainConfig,
           num_samples: int, ctx: DistContext, hooks: CallbackList) -> None:
     """Gather every rank's RNG state; rank 0 writes the checkpoint atomically."""
     rng = all_gather_objects(capture_rng_state(ctx.device), ctx)
@@ -450,6 +534,8 @@ def _save(path: Path, step: int, steps_per_epoch: int, finished: bool, model: nn
             "model": model.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "best": dict(best) if best is not None else None,
             "rng": rng, "window": dict(window), "metrics": dict(metrics),
             "eval_metrics": dict(eval_metrics) if eval_metrics is not None else None,
             "config": config.to_dict(), "num_samples": num_samples, "world_size": ctx.world_size,

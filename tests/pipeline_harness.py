@@ -55,9 +55,10 @@ def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
     d = p["density"]["patches32"]
     d["overrides"] = {"image_size": 8, "sdn_max_scale": 8, "h_size": 8, "depth": 2, "ds_list": [0, 1],
                       "sdn_nfeat_0": 8, "iaf_context": 8, "mixtures": 2}
-    d["models"] = {"sdn": {}, "cnn": {}}
+    d["models"] = {"sdn": {}, "cnn": {"precision": "bf16"}}  # a per-model precision, as the paper profile
     d["train"].update(steps=4, batch_size=8, log_every=2, checkpoint_every=4)
-    d["train"]["eval_every"] = 2
+    d["train"].update(eval_every=2, keep_best="elbo_bpd")  # selection on validation, as the paper profile
+    d["samples"]["temperatures"] = [0.6, 1.0]
     d["eval"] = {"batch_size": 16, "iw_samples": 4, "max_examples": 16}
     d["samples"]["num"] = 4
     q = p["disentanglement"]["dsprites_procedural"]

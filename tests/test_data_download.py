@@ -1,9 +1,11 @@
-"""The download step against a local HTTP server: checksums, resume, and every failure mode."""
+"""The download step against a local HTTP server: checksums (also torch.hub-style sha256 prefixes, as
+in the FID Inception weights' file name), resume, every failure mode, and the --fid-weights stage."""
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 
 from fixtures_data import closed_port, make_dsprites_npz, serve, url
@@ -201,3 +203,114 @@ def test_truncated_archive_without_checksum_is_rejected(tmp_path, kind):
         with pytest.warns(UserWarning, match="NOT verified"):  # the whole file passes
             download("x", url(server, "ok", f"whole.{kind}"), tmp_path / f"b.{kind}", kind=kind, **FAST)
     assert (tmp_path / f"b.{kind}").read_bytes() == data
+
+
+# ---------------------------------------------------------------- sha256 prefix (torch.hub file names)
+@pytest.fixture()
+def hub_named(tmp_path):
+    """A file served under a torch.hub-style name ``weights-<first 8 hex of its sha256>.pth``."""
+    www = tmp_path / "hub"
+    www.mkdir()
+    data = np.random.default_rng(0).bytes(300_000)
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    name = f"weights-inception-2015-12-05-{prefix}.pth"
+    (www / name).write_bytes(data)
+    with serve(www) as server:
+        yield server, name, data, prefix
+
+
+def test_sha256_prefix_verifies_like_torch_hub(hub_named, tmp_path):
+    """The prefix check accepts what torch.hub's own check (download_url_to_file) accepts."""
+    import torch.hub
+
+    server, name, data, prefix = hub_named
+    dest = tmp_path / "raw" / name
+    result = download("fid_weights", url(server, "ok", name), dest, sha256_prefix=prefix.upper(), **FAST)
+    assert result.fetched and result.verified and dest.read_bytes() == data
+    assert result.sha256.startswith(prefix) and result.sha256 == hashlib.sha256(data).hexdigest()
+    again = download("fid_weights", url(server, "ok", name), dest, sha256_prefix=prefix, **FAST)
+    assert not again.fetched and again.verified
+    # torch.hub (the convention torch-fidelity's file name follows) agrees: same prefix, sha256.
+    hub_copy = tmp_path / "hub_copy.pth"
+    torch.hub.download_url_to_file(url(server, "ok", name), str(hub_copy), hash_prefix=prefix, progress=False)
+    assert hub_copy.read_bytes() == data
+    with pytest.raises(RuntimeError, match="invalid hash value"):  # an md5 prefix is not what it checks
+        torch.hub.download_url_to_file(url(server, "ok", name), str(tmp_path / "md5.pth"),
+                                       hash_prefix=_md5(data)[:8], progress=False)
+
+
+def test_wrong_sha256_prefix_fails_clearly_and_leaves_nothing(hub_named, tmp_path):
+    server, name, data, prefix = hub_named
+    dest = tmp_path / name
+    wrong = "0123abcd" if prefix != "0123abcd" else "fedc4321"
+    address = url(server, "ok", name)
+    with pytest.raises(DownloadError) as info:
+        download("fid_weights", address, dest, sha256_prefix=wrong, **FAST)
+    message = str(info.value)
+    assert "fid_weights" in message and address in message and f"sha256 starting with {wrong}" in message
+    assert hashlib.sha256(data).hexdigest() in message  # what was actually received
+    assert not dest.exists() and not dest.with_name(name + ".part").exists()
+
+
+def test_sha256_prefix_download_resumes_after_truncation(hub_named, tmp_path):
+    server, name, data, prefix = hub_named
+    dest = tmp_path / name
+    with pytest.raises(DownloadError, match="truncated|broke"):
+        download("fid_weights", url(server, "truncate", name), dest, sha256_prefix=prefix, **FAST)
+    part = dest.with_name(name + ".part")
+    assert not dest.exists() and 0 < part.stat().st_size < len(data)
+    kept = part.stat().st_size
+    result = download("fid_weights", url(server, "ok", name), dest, sha256_prefix=prefix, **FAST)
+    assert result.verified and dest.read_bytes() == data and not part.exists()
+    assert server.requests[-1][1] == f"bytes={kept}-"  # resumed, not restarted
+    flaky = tmp_path / "flaky" / name
+    download("fid_weights", url(server, "flaky", name), flaky, sha256_prefix=prefix, **{**FAST, "retries": 1})
+    assert flaky.read_bytes() == data
+
+
+@pytest.mark.parametrize("bad", ["abc", "z" * 8, "0" * 65, 12345678])
+def test_bad_sha256_prefix_raises_value_error(tmp_path, bad):
+    with pytest.raises(ValueError, match="sha256 prefix"):
+        download("fid_weights", "http://127.0.0.1:1/x", tmp_path / "x", sha256_prefix=bad, **FAST)
+
+
+def _fid_params(path, weights_url, weights_path, prefix=None, sha256=None):
+    import yaml
+
+    params = {"fid": {"weights_path": str(weights_path),
+                      "weights": {"url": weights_url, "sha256_prefix": prefix, "sha256": sha256,
+                                  "dvc_dep": "pipelines/fid_stats.py", "retries": 0}}}
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_fid_weights_stage_script_downloads_and_verifies(hub_named, tmp_path, capsys):
+    from pipelines.download import main
+
+    server, name, data, prefix = hub_named
+    dest = tmp_path / "data/raw/fid" / name
+    params = _fid_params(tmp_path / "p.yaml", url(server, "ok", name), dest, prefix=prefix)
+    assert main(["--fid-weights", "--params", str(params), "--quiet"]) == 0
+    assert dest.read_bytes() == data
+    out = capsys.readouterr().out
+    assert "downloaded" in out and "verified" in out and hashlib.sha256(data).hexdigest() in out
+    full = _fid_params(tmp_path / "full.yaml", url(server, "ok", name), tmp_path / "b" / name,
+                       sha256=hashlib.sha256(data).hexdigest())  # the full pin, once recorded
+    assert main(["--fid-weights", "--params", str(full), "--quiet"]) == 0
+
+
+def test_fid_weights_stage_script_fails_on_a_wrong_hash(hub_named, tmp_path, capsys):
+    from pipelines.download import main
+
+    server, name, _, prefix = hub_named
+    dest = tmp_path / "data/raw/fid" / name
+    wrong = "0" * 64
+    params = _fid_params(tmp_path / "p.yaml", url(server, "ok", name), dest, prefix=prefix, sha256=wrong)
+    assert main(["--fid-weights", "--params", str(params), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "fid_weights" in err and f"sha256 {wrong}" in err and "mismatch" in err
+    assert not dest.exists() and not dest.with_name(name + ".part").exists()
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("fid: {weights_path: x.pth}\n")
+    with pytest.raises(ValueError, match="fid.weights.url"):
+        main(["--fid-weights", "--params", str(empty)])

@@ -1,5 +1,6 @@
-"""FID: Frechet distance vs independent formulas, streaming statistics, the real torch-fidelity
-Inception loading path (randomly initialised weights saved by the test), end-to-end FID, n/a path."""
+"""FID and KID: Frechet distance and KID vs independent formulas, streaming statistics and the KID
+reference subset, the real torch-fidelity Inception loading path (randomly initialised weights saved
+by the test, also fetched from a local HTTP server), end-to-end FID/KID, n/a paths."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 from sdn.metrics import fid_stats
 from sdn.metrics.fid import (
     NO_WEIGHTS_REASON,
+    WEIGHTS_SHA256_PREFIX,
+    WEIGHTS_URL,
     FIDResult,
     InceptionWeightsUnavailable,
     InvalidInceptionWeights,
@@ -29,13 +32,17 @@ from sdn.metrics.fid import (
     frechet_distance,
     frechet_distance_with_info,
     iterate_samples,
+    kid_from_features,
     load_inception,
     model_sample_fn,
 )
 from sdn.metrics.fid_stats import (
+    FeatureKeeper,
     ReferenceStatistics,
     ReferenceStatisticsUnavailable,
     RunningMoments,
+    choose_feature_indices,
+    compute_reference,
     compute_reference_statistics,
     iterate_image_batches,
     load_reference_statistics,
@@ -76,6 +83,20 @@ def fid_from_features_nuclear(f1: np.ndarray, f2: np.ndarray) -> float:
     tr = np.linalg.svd(a @ b.T, compute_uv=False).sum()
     d = f1.mean(0) - f2.mean(0)
     return float(d @ d + np.sum(a * a) + np.sum(b * b) - 2 * tr)
+
+
+def naive_kid(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written out pair by pair (float64)."""
+    m, d = len(x), x.shape[1]
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+
+    def k(a, b):
+        return (float(a @ b) / d + 1.0) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2.0 * xy
 
 
 def random_gaussian(rng: np.random.Generator, dim: int, rank: int | None = None):
@@ -159,6 +180,65 @@ def test_frechet_rejects_bad_input():
         frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
 
 
+# ---------------------------------------------------------------- KID
+def test_kid_matches_naive_unbiased_mmd_with_cubic_kernel():
+    rng = np.random.default_rng(20)
+    for m, d in ((7, 3), (12, 16)):
+        x, y = rng.normal(size=(m, d)), rng.normal(0.3, 1.5, size=(m, d))
+        mean, std = kid_from_features(x, y, subsets=1, subset_size=m, seed=0)  # one subset: the whole set
+        assert mean == pytest.approx(naive_kid(x, y), rel=1e-10, abs=1e-12) and std == 0.0
+        # every subset of the whole set is a permutation of it: same value, zero spread
+        mean5, std5 = kid_from_features(x, y, subsets=5, subset_size=m, seed=3)
+        assert mean5 == pytest.approx(mean, rel=1e-10) and std5 == pytest.approx(0.0, abs=1e-10)
+    assert kid_from_features(x, x, 1, len(x), 0)[0] != 0.0  # unbiased: XY includes i == j pairs
+
+
+def test_kid_subsets_are_seeded_and_averaged():
+    rng = np.random.default_rng(21)
+    x, y = rng.normal(size=(30, 4)), rng.normal(0.5, 1.0, size=(25, 4))
+    mean, std = kid_from_features(x, y, subsets=4, subset_size=10, seed=7)
+    assert (mean, std) == kid_from_features(x, y, subsets=4, subset_size=10, seed=7)
+    assert mean != kid_from_features(x, y, subsets=4, subset_size=10, seed=8)[0]
+    draw = np.random.RandomState(7)  # torch-fidelity's draws: x subset then y subset, per subset
+    values = []
+    for _ in range(4):
+        xi, yi = draw.choice(30, 10, replace=False), draw.choice(25, 10, replace=False)
+        values.append(naive_kid(x[xi], y[yi]))
+    assert mean == pytest.approx(np.mean(values), rel=1e-10) and std == pytest.approx(np.std(values), rel=1e-8)
+
+
+def test_kid_rejects_bad_arguments():
+    x = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="subset_size"):
+        kid_from_features(x, x, 1, 1, 0)
+    with pytest.raises(ValueError, match="subsets"):
+        kid_from_features(x, x, 0, 2, 0)
+    with pytest.raises(ValueError, match="features_2"):
+        kid_from_features(x, np.zeros((3, 3)), 1, 4, 0)
+    with pytest.raises(ValueError, match="dimensions"):
+        kid_from_features(x, np.zeros((5, 2)), 1, 4, 0)
+
+
+def test_feature_keeper_and_seeded_subset():
+    rows = np.arange(40, dtype=np.float64).reshape(10, 4)
+    indices = choose_feature_indices(10, 4, seed=5)
+    expected = np.sort(np.random.default_rng(5).choice(10, size=4, replace=False))
+    assert np.array_equal(indices, expected)
+    keep = FeatureKeeper(indices)
+    for start, stop in ((0, 3), (3, 3), (3, 9), (9, 10)):
+        keep.add(rows[start:stop])
+    assert np.array_equal(keep.features(), rows[indices].astype(np.float32))
+    everything = FeatureKeeper()
+    everything.add(rows[:6])
+    everything.add(rows[6:])
+    assert np.array_equal(everything.features(), rows.astype(np.float32))
+    assert len(choose_feature_indices(3, 10, 0)) == 3  # capped by the images there are
+    short = FeatureKeeper(np.array([1, 8]))
+    short.add(rows[:5])
+    with pytest.raises(ValueError, match="2 chosen images"):
+        short.features()
+
+
 # ---------------------------------------------------------------- statistics and their file
 def test_running_moments_match_numpy_cov():
     rng = np.random.default_rng(4)
@@ -228,6 +308,27 @@ def test_reference_statistics_roundtrip_and_rejections(tmp_path):
     marker = save_unavailable_reference(tmp_path / "na.npz", "toy", "train", NO_WEIGHTS_REASON)
     with pytest.raises(ReferenceStatisticsUnavailable, match="fid.weights_path"):
         load_reference_statistics(marker)
+
+
+def test_reference_kid_features_roundtrip_and_rejections(tmp_path):
+    rng = np.random.default_rng(8)
+    base = _stats(6)
+    features, indices = rng.normal(size=(3, 6)).astype(np.float32), np.array([0, 4, 6])
+    stats = ReferenceStatistics(base.mu, base.sigma, "toy", "train", 7, "torch-fidelity", "0.4.0", "2048",
+                                features, indices, 3)
+    loaded = load_reference_statistics(save_reference_statistics(tmp_path / "ref.npz", stats), expected_dim=6)
+    assert np.array_equal(loaded.features, features) and loaded.features.dtype == np.float32
+    assert np.array_equal(loaded.feature_indices, indices) and loaded.features_seed == 3
+    assert loaded.describe_features() == "toy/train (3 of 7 images, seed 3)"
+    assert load_reference_statistics(save_reference_statistics(tmp_path / "old.npz", base), 6).features is None
+    for bad_features, bad_indices, match in ((features[:, :5], indices, "KID features"),
+                                             (features, np.array([0, 4, 7]), "indices"),
+                                             (features, np.array([4, 0, 6]), "sorted"),
+                                             (np.full((3, 6), np.nan, np.float32), indices, "NaN")):
+        bad = ReferenceStatistics(base.mu, base.sigma, "toy", "train", 7, "torch-fidelity", "0.4.0", "2048",
+                                  bad_features, bad_indices, 0)
+        with pytest.raises(ValueError, match=match):
+            save_reference_statistics(tmp_path / "bad.npz", bad)
 
 
 # ---------------------------------------------------------------- sampling helpers
@@ -346,13 +447,16 @@ def feature_spy(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(extractor):
-    """Reference statistics of the tiny dataset, plus the features they were computed from."""
+    """Reference statistics (and every image's KID features) of the tiny dataset, plus the features
+    they were computed from."""
     dataset = _TinyDataset()
     captured: list[np.ndarray] = []
     with mock.patch.object(fid_stats, "inception_features", _recording(captured)):
-        mu, sigma = compute_reference_statistics(dataset, extractor, batch_size=BATCH, progress=False)
+        mu, sigma, features, indices = compute_reference(dataset, extractor, batch_size=BATCH, progress=False,
+                                                         num_features=NUM_IMAGES, seed=0)
     version = torch_fidelity.__version__
-    stats = ReferenceStatistics(mu, sigma, "tiny", "train", NUM_IMAGES, "torch-fidelity", version, "2048")
+    stats = ReferenceStatistics(mu, sigma, "tiny", "train", NUM_IMAGES, "torch-fidelity", version, "2048",
+                                features, indices, 0)
     return dataset, stats, np.concatenate(captured)
 
 
@@ -365,6 +469,20 @@ def test_reference_statistics_match_direct_features(reference, extractor):
     np.testing.assert_allclose(features[:2], direct.double().numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats.mu, features.mean(0), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(stats.sigma, np.cov(features, rowvar=False), rtol=1e-9, atol=1e-15)
+    assert np.array_equal(stats.features, features.astype(np.float32))  # every image kept, in order
+    assert np.array_equal(stats.feature_indices, np.arange(NUM_IMAGES))
+
+
+@pytest.mark.slow  # Inception-v3 forward passes at 299x299
+def test_reference_kid_subset_is_the_seeded_images_features(reference, extractor):
+    dataset, stats, features = reference
+    mu, sigma, subset, indices = compute_reference(dataset, extractor, batch_size=4, progress=False,
+                                                   num_features=4, seed=9)
+    assert np.array_equal(indices, np.sort(np.random.default_rng(9).choice(NUM_IMAGES, 4, replace=False)))
+    np.testing.assert_allclose(subset, features[indices], rtol=1e-5, atol=1e-6)  # other batching, same images
+    np.testing.assert_allclose(mu, stats.mu, rtol=1e-5, atol=1e-6)
+    mu_only, sigma_only = compute_reference_statistics(dataset, extractor, batch_size=4, progress=False)
+    assert np.array_equal(mu_only, mu) and np.array_equal(sigma_only, sigma)  # same pass without features
 
 
 @pytest.mark.slow  # Inception-v3 forward passes at 299x299 and a 2048x2048 sqrtm
@@ -386,6 +504,10 @@ def test_fid_of_dataset_against_itself_is_zero(reference, weights_file):
     assert record["implementation"] == "torch-fidelity" and record["version"] == torch_fidelity.__version__
     assert record["feature_layer"] == "2048" and "299" in record["resize"]
     assert record["num_samples"] == NUM_IMAGES and record["reference"] == f"tiny/train ({NUM_IMAGES} images)"
+    # KID of the dataset against itself: the unbiased estimator of identical sets (subsets capped at 6)
+    assert result.kid_available and result.kid_subset_size == NUM_IMAGES and result.kid_subset_size_requested == 1000
+    assert result.kid_mean == pytest.approx(naive_kid(stats.features, stats.features), rel=1e-4, abs=1e-7)
+    assert record["kid_reference"] == f"tiny/train ({NUM_IMAGES} of {NUM_IMAGES} images, seed 0)"
 
 
 @pytest.mark.slow  # Inception-v3 forward passes at 299x299 and a 2048x2048 sqrtm
@@ -402,6 +524,11 @@ def test_fid_of_random_model_equals_direct_formula(reference, weights_file, tmp_
     assert result.eps_offset_used and result.value == pytest.approx(expected, rel=1e-7)
     exact = fid_from_features_nuclear(feats, ref_features)  # no offset at all
     assert result.value == pytest.approx(exact, rel=0.05) and exact > 0.1 * np.trace(stats.sigma)
+    # KID: every subset is the whole set (6 of 6), so it equals the naive estimate on all features
+    expected_kid = naive_kid(feats, ref_features)
+    assert result.kid_available and result.kid_subsets == 100 and result.kid_seed == 0
+    assert result.kid_mean == pytest.approx(expected_kid, rel=1e-4) and result.kid_std < 1e-4 * abs(expected_kid) + 1e-9
+    assert expected_kid > 0
     with Image.open(tmp_path / "grid.png") as grid:  # make_grid: 8 per row, padding 2
         assert grid.size == (NUM_IMAGES * (8 + 2) + 2, 8 + 2 + 2)
 
@@ -414,8 +541,10 @@ def test_fid_offline_is_not_available(tmp_path, weights_file):
     result = compute_fid(never, ref, None, num_samples=10)
     assert (result.value, result.available, result.reason) == (None, False, NO_WEIGHTS_REASON)
     assert result.to_dict()["num_samples"] == 10 and isinstance(result, FIDResult)
-    result = compute_fid(never, ref, tmp_path / "absent.pth", num_samples=10)
-    assert not result.available and result.reason.startswith(NO_WEIGHTS_REASON)
+    absent = tmp_path / "absent.pth"
+    result = compute_fid(never, ref, absent, num_samples=10)
+    assert not result.available and result.reason.startswith(f"no network: {absent} not found")
+    assert not result.kid_available and result.kid_reason == result.reason and result.kid_mean is None
     with pytest.raises(InceptionWeightsUnavailable):
         compute_fid(never, ref, None, num_samples=10, required=True)
     marker = save_unavailable_reference(tmp_path / "na.npz", "tiny", "train", NO_WEIGHTS_REASON)
@@ -444,3 +573,156 @@ def test_fid_stats_pipeline_offline_writes_marker(tmp_path):
     namespace["main"](["--dataset", "tiny", "--split", "train", "--out", str(out), "--weights-path", ""])
     with pytest.raises(ReferenceStatisticsUnavailable, match="fid.weights_path"):
         load_reference_statistics(out)
+    missing = tmp_path / "data/raw/fid/weights-inception-2015-12-05-6726825d.pth"  # the embedded study's case
+    namespace["main"](["--dataset", "tiny", "--split", "train", "--out", str(out), "--weights-path", str(missing)])
+    with pytest.raises(ReferenceStatisticsUnavailable, match=f"^no network: {re.escape(str(missing))} not found"):
+        load_reference_statistics(out)
+
+
+@pytest.mark.slow  # Inception-v3 forward passes at 299x299
+def test_kid_is_na_with_a_reference_without_features(reference, weights_file):
+    dataset, stats, _ = reference
+    old = ReferenceStatistics(stats.mu, stats.sigma, "tiny", "train", NUM_IMAGES, "torch-fidelity",
+                              stats.version, "2048")  # a format-1 file: no KID features
+    result = compute_fid(lambda n: dataset.images[:n], old, weights_file, num_samples=2, batch_size=2, progress=False)
+    assert result.available and not result.kid_available and result.kid_mean is None
+    assert "no KID features" in result.kid_reason
+
+
+def test_weights_constants_are_torch_fidelitys_and_follow_torch_hub_naming():
+    """The URL is the one torch-fidelity downloads; its '-6726825d' suffix is what torch.hub's
+    check_hash would compare with the file's sha256 (torch.hub.HASH_REGEX)."""
+    from torch.hub import HASH_REGEX
+
+    assert WEIGHTS_URL == tf_inception.URL_INCEPTION_V3
+    assert HASH_REGEX.search(WEIGHTS_URL.rsplit("/", 1)[1]).group(1) == WEIGHTS_SHA256_PREFIX
+    import yaml
+
+    for name in ("params.yaml", "params-paper.yaml"):
+        fid = yaml.safe_load((REPO / name).read_text())["fid"]
+        assert fid["weights"]["url"] == WEIGHTS_URL and fid["weights"]["sha256_prefix"] == WEIGHTS_SHA256_PREFIX
+        assert Path(fid["weights_path"]).name == WEIGHTS_URL.rsplit("/", 1)[1]
+
+
+def test_downloaded_weights_load(weights_file, tmp_path, monkeypatch):
+    """The download stage fetches a torch.hub-named file from a local server, checks its sha256
+    prefix, and the result is what the FID stages load."""
+    import hashlib
+    import shutil
+
+    import yaml
+    from fixtures_data import serve, url
+
+    from pipelines.download import main
+
+    prefix = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:8]
+    www = tmp_path / "www"
+    www.mkdir()
+    name = f"weights-inception-2015-12-05-{prefix}.pth"
+    shutil.copy(weights_file, www / name)
+    dest = tmp_path / "data/raw/fid" / name
+    with serve(www) as server:
+        params = {"fid": {"weights_path": str(dest), "weights": {"url": url(server, "ok", name),
+                                                                 "sha256_prefix": prefix, "sha256": None}}}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+        assert main(["--fid-weights", "--params", str(tmp_path / "p.yaml"), "--quiet"]) == 0
+    loaded = load_inception(dest).state_dict()
+    saved = torch.load(weights_file, weights_only=True)
+    assert all(torch.equal(saved[key], loaded[key]) for key in saved)
+
+
+# ---------------------------------------------------------------- the weights stage in the DVC pipeline
+@pytest.mark.slow  # two `dvc` resolutions of the whole pipeline
+@pytest.mark.parametrize("profile", ["params.yaml", "params-paper.yaml"])
+def test_download_fid_weights_stage_only_in_the_paper_profile(tmp_path, profile):
+    """Paper: download_fid_weights@inception outputs fid.weights_path and every fid_stats stage runs
+    after it. Embedded: no such stage (no network), and fid_stats still resolves."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    dvc = Path(shutil.which("dvc") or REPO / ".venv" / "bin" / "dvc")
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / profile, tmp_path / "params.yaml")
+    env = {"DVC_NO_ANALYTICS": "1", "PATH": f"{dvc.parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(dvc), "init", "-q"], cwd=tmp_path, check=True, env=env)
+    out = subprocess.run([str(dvc), "stage", "list"], cwd=tmp_path, check=True, env=env,
+                         capture_output=True, text=True).stdout
+    stages = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines() if line.strip()}
+    params = yaml.safe_load((REPO / profile).read_text())
+    downloads = {f"download_fid_weights@{x}" for x in params["study"]["fid_downloads"]}
+    assert {name for name in stages if name.startswith("download_fid_weights")} == downloads
+    fid_stats = {f"fid_stats@{d}" for d in params["study"]["density"]["datasets"]}
+    assert fid_stats <= set(stages)
+    if profile == "params-paper.yaml":
+        assert downloads == {"download_fid_weights@inception"}
+        assert params["fid"]["weights_path"] in stages["download_fid_weights@inception"]
+        dag = subprocess.run([str(dvc), "dag", "--dot"], cwd=tmp_path, check=True, env=env,
+                             capture_output=True, text=True).stdout
+        for stage in fid_stats:
+            assert f'"download_fid_weights@inception" -> "{stage}"' in dag
+    else:
+        assert not downloads and params["fid"]["weights_path"]  # a path that is used when present
+
+
+def _study_error(edit) -> str:
+    import copy
+
+    import yaml
+
+    from pipelines.study import StudyError, validate
+
+    params = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    edit(params)
+    with pytest.raises(StudyError) as info:
+        validate(params)
+    return str(info.value)
+
+
+def test_fid_params_are_validated_naming_the_key():
+    assert "fid.kid: missing key(s) ['seed']" in _study_error(lambda p: p["fid"]["kid"].pop("seed"))
+    assert "fid.weights.sha256_prefix" in _study_error(lambda p: p["fid"]["weights"].update(sha256_prefix="xyz"))
+    assert "fid.weights.sha256" in _study_error(lambda p: p["fid"]["weights"].update(sha256="ab" * 10))
+    assert "fid.weights.url" in _study_error(lambda p: p["fid"]["weights"].update(url="ftp://x/y.pth"))
+    assert "fid.kid.subset_size" in _study_error(lambda p: p["fid"]["kid"].update(subset_size=1))
+    assert "study.fid_downloads" in _study_error(lambda p: p["study"].update(fid_downloads=["vgg"]))
+    msg = _study_error(lambda p: p["study"].update(fid_downloads=["inception"]))  # embedded's dep is the script
+    assert "fid.weights.dvc_dep" in msg
+
+    def elsewhere(p):
+        p["study"]["fid_downloads"] = ["inception"]
+        p["fid"].update(weights_path="/tmp/w.pth")
+        p["fid"]["weights"]["dvc_dep"] = "/tmp/w.pth"
+
+    assert "data/raw/fid/" in _study_error(elsewhere)
+
+    def unpinned(p):
+        p["study"]["fid_downloads"] = ["inception"]
+        p["fid"]["weights"].update(sha256_prefix=None, sha256=None, dvc_dep=p["fid"]["weights_path"])
+
+    assert "sha256_prefix" in _study_error(unpinned)
+
+
+def test_report_fid_table_has_kid_and_reasons_instead_of_zero_seeds():
+    from sdn.reporting import _fid_rows
+
+    def rec(model, seed, fid):
+        return {"family": "density", "dataset": "d", "model": model, "seed": seed, "fid": fid}
+
+    ok = {"available": True, "value": 10.0, "kid_available": True, "kid_mean": 0.002, "kid_std": 0.0001,
+          "implementation": "torch-fidelity", "version": "0.4.0", "num_samples": 8, "reference": "d/train (16 images)",
+          "kid_subsets": 100, "kid_subset_size": 8, "kid_reference": "d/train (16 of 16 images, seed 0)"}
+    na = {"available": False, "value": None, "reason": "no network: w.pth not found", "kid_available": False,
+          "kid_reason": "no network: w.pth not found", "implementation": "torch-fidelity", "version": "0.4.0"}
+    records = [rec("a", 0, ok), rec("a", 1, {**ok, "value": 12.0, "kid_mean": 0.004}),
+               rec("b", 0, na), rec("b", 1, na), rec("c", 0, ok), rec("c", 1, na)]
+    rows = {r["model"]: r for r in _fid_rows(records)}
+    a, b, c = rows["a"], rows["b"], rows["c"]
+    assert a["fid_mean"] == pytest.approx(11.0) and a["kid_mean"] == pytest.approx(0.003) and a["seeds_shown"] == "2"
+    assert a["kid_x1000"].startswith("3.000 ± 1.414") and a["kid_subsets"] == "100 x 8"
+    assert a["kid_reference"] == "d/train (16 of 16 images, seed 0)" and a["reason"] is None
+    assert b["seeds"] == 0 and b["seeds_shown"] == "n/a (no network: w.pth not found)"  # never "0"
+    assert b["fid"] == "n/a" and b["kid_x1000"] == "n/a" and b["reason"] == "no network: w.pth not found"
+    assert c["seeds_shown"] == "1 of 2 (n/a (no network: w.pth not found))"

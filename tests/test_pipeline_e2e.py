@@ -62,6 +62,13 @@ def test_dvc_metrics_and_plots(built):
     assert {"beta_vae.eval_accuracy", "factor_vae.eval_accuracy", "mig.discrete_mig", "dci.disentanglement",
             "sap.SAP_score"} <= set(dis)
     assert flat["results/embedded/metrics/fid/patches32/cnn/seed0.json"]["fid"] == "n/a"
+    # keep_best: the weights written for evaluation are those of the selected validation step
+    train = flat["results/embedded/metrics/train/patches32/sdn/seed0.json"]
+    assert train["selected_step"] in (2, 4) and train["selected_validation_elbo_bpd"] > 0
+    curve = _rows(ws / "results/embedded/curves/patches32/sdn/seed0.csv")
+    val = {int(r["step"]): float(r["val_elbo_bpd"]) for r in curve if r.get("val_elbo_bpd")}
+    assert train["selected_step"] == min(val, key=val.get)
+    assert train["selected_validation_elbo_bpd"] == pytest.approx(min(val.values()), rel=1e-6)
     plots = json.loads(harness.dvc(ws, "plots", "show", "--json").stdout)
     text = json.dumps(plots)
     assert "results/embedded/curves/patches32/sdn/seed0.csv" in text
@@ -88,15 +95,17 @@ def test_reports_hold_the_metrics_files_numbers(built):
     dis = {r["model"] for r in _rows(reports / "disentanglement.csv")}
     assert dis == {"cnn", "sdn"}
     fid_md = (reports / "fid.md").read_text()
-    assert "n/a (no Inception weights: set fid.weights_path)" in fid_md
+    assert "n/a (no network: data/raw/fid/weights-inception-2015-12-05-6726825d.pth not found" in fid_md
+    assert "seeds 0" not in fid_md
     index = (reports / "index.md").read_text()
     for needle in ("## Claims", "### Run checks", "## Density", "## Disentanglement", "## FID", "## Versions",
                    "## Reduced from the paper", "figures/curves_patches32.png", "figures/val_curves_patches32.png",
                    "figures/samples_patches32_sdn.png", "figures/reconstructions_dsprites_procedural_sdn.png",
                    "K = 4"):
         assert needle in index
+    assert "selected_step" in index and "Temperature 0.6" in index
     for name in ("curves_patches32.png", "bars_patches32.png", "bars_dsprites_procedural.png",
-                 "samples_dsprites_procedural_cnn.png"):
+                 "samples_dsprites_procedural_cnn.png", "samples_patches32_sdn_t0.6.png", "samples_patches32_cnn_t1.png"):
         assert (reports / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -237,5 +246,6 @@ def test_fid_stages_with_a_local_weights_file(built, tmp_path):
     record = json.loads((ws / "results/embedded/metrics/fid/patches32/sdn/seed0.json").read_text())
     assert record["available"] is True and math.isfinite(record["value"]) and record["value"] > 0
     assert record["fid"] == record["value"] and record["num_samples"] == 8
+    assert record["kid"] == record["kid_mean"] and record["kid_subset_size"] == 8
     assert (record["implementation"], record["version"]) == ("torch-fidelity", "0.4.0")
     assert record["feature_layer"] == "2048" and record["reference"] == "patches32/train (16 images)"

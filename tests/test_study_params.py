@@ -66,6 +66,18 @@ def test_paper_study_is_valid_and_every_config_builds_on_meta():
     assert abs(counts[("cifar10", "cnn_matched")] / counts[("cifar10", "sdn")] - 1) < 0.05
     tc = s.train_config("density", "cifar10", 0, "sdn")
     assert (tc.lr, tc.batch_size, tc.ema_decay) == (0.002, 256, 0.999)  # the paper's table
+    # precision as the official scripts: --amp (fp16 + GradScaler) except CIFAR's CNN line and 3DShapes
+    precision = {(r.dataset, r.model): s.train_config(r.family, r.dataset, 0, r.model).precision for r in s.runs()}
+    assert precision[("cifar10", "sdn")] == "fp16" and precision[("cifar10", "cnn")] == "fp32"
+    assert {precision[("imagenet32", m)] for m in ("sdn", "cnn")} == {"fp16"}
+    assert {precision[("celebahq256", m)] for m in ("sdn", "cnn")} == {"fp16"}
+    assert {precision[("shapes3d", m)] for m in ("sdn", "cnn")} == {"fp32"}
+    # selection on a validation split held out of the training data, length in official epochs
+    for dataset in s.datasets("density"):
+        cfg = s.train_config("density", dataset, 0, "sdn")
+        assert cfg.keep_best == "elbo_bpd" and cfg.eval_every and s.holdout(dataset)["size"] > 0
+    assert tc.steps == -(-1000 * 50_000 // 256)  # 1,000 official epochs at the global batch 256
+    assert s.section("density", "cifar10")["samples"]["temperatures"] == [0.6, 0.7, 0.85, 1.0]
 
 
 def _bad(embedded: dict, edit) -> str:
@@ -186,6 +198,7 @@ def test_paper_dag_resolves(tmp_path):
         if run.family == "density":
             expected.add(f"fid@{run.stage_suffix}")
     expected.add("report")
+    expected |= {f"download_fid_weights@{x}" for x in s.params["study"]["fid_downloads"]}
     assert stages == expected
     dag = subprocess.run([str(dvc), "dag", "--dot"], cwd=tmp_path, check=True, env=env,
                          capture_output=True, text=True).stdout
@@ -218,3 +231,57 @@ def test_side_by_side_runs_respect_the_limit_the_threads_and_report_failures(tmp
     for start, _, _ in stamps:  # runs in progress at each start, itself included
         assert sum(1 for a, b, _ in stamps if a <= start < b) <= 2
     assert any(a2 < b1 and a1 < b2 for i, (a1, b1, _) in enumerate(stamps) for (a2, b2, _) in stamps[i + 1:])
+
+
+def test_precision_is_per_model_over_the_dataset_default(embedded):
+    params = copy.deepcopy(embedded)
+    params["density"]["patches32"]["models"]["cnn"] = {"precision": "bf16"}
+    s = validate(params)
+    assert s.train_config("density", "patches32", 0, "cnn").precision == "bf16"
+    assert s.train_config("density", "patches32", 0, "sdn").precision == "fp32"  # train.precision
+    assert s.model_config("density", "patches32", "cnn") == s.model_config("density", "patches32", "sdn").replace()
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["models"]["cnn"].update(precision="fp8"))
+    assert "density.patches32.models.cnn.precision" in msg and "fp16" in msg
+
+
+def test_validation_holdout_and_selection_params_are_checked(embedded):
+    msg = _bad(embedded, lambda p: p["data"]["patches32"].update(validation={"size": 10}))
+    assert "data.patches32.validation" in msg and "seed" in msg
+    msg = _bad(embedded, lambda p: p["density"]["patches32"]["train"].update(keep_best="elbo_bpd", eval_every=None))
+    assert "keep_best" in msg
+    paper = _load("params-paper.yaml")
+    msg = _bad(paper, lambda p: p["data"]["cifar10"].pop("validation"))
+    assert "density.cifar10.train.eval_every" in msg and "data.cifar10.validation" in msg
+
+
+def test_holdout_split_replaces_train_and_validation_but_not_test(embedded):
+    from sdn.data import get_dataset
+    from sdn.data.holdout import holdout_indices
+
+    params = copy.deepcopy(embedded)
+    options = {"patch_size": 8, "region": 16, "levels": 1, "validation_fraction": 0.1, "test_fraction": 0.1, "seed": 0}
+    params["data"]["patches32"]["options"] = options
+    plain = validate(copy.deepcopy(params))
+    params["data"]["patches32"]["validation"] = {"size": 40, "seed": 5}
+    s = validate(params)
+    full_train = get_dataset("patches32", "train", **options)
+    keep, held = holdout_indices(len(full_train), 40, 5)
+    with pytest.MonkeyPatch.context() as mp:  # read in memory instead of the prepared folder
+        mp.setattr(study_mod.Study, "data_dir", staticmethod(lambda name: None))
+        train, validation, test = (s.dataset("patches32", k) for k in ("train", "validation", "test"))
+        own_validation = plain.dataset("patches32", "validation")
+    assert len(train) == len(full_train) - 40 and len(validation) == 40
+    assert torch.equal(validation[3][0], full_train[held[3]][0]) and torch.equal(train[0][0], full_train[keep[0]][0])
+    assert len(test) == len(get_dataset("patches32", "test", **options))  # the test split is untouched
+    assert len(own_validation) == len(get_dataset("patches32", "validation", **options))
+
+
+def test_launcher_is_python_or_a_torchrun_command(embedded):
+    for launcher in ("torchrun --standalone --nproc_per_node=2",
+                     "srun --nodes=$SLURM_NNODES --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
+                     "--nproc_per_node=4 --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500"):
+        params = copy.deepcopy(embedded)
+        params["study"].update(launcher=launcher, runs_at_once=1)
+        assert validate(params).params["study"]["launcher"] == launcher
+    msg = _bad(embedded, lambda p: p["study"].update(launcher="torchrn --nproc_per_node=2", runs_at_once=1))
+    assert "study.launcher" in msg and "torchrn" in msg

@@ -168,7 +168,7 @@ def assert_same_params(a: nn.Module, b: nn.Module) -> None:
     [("steps", 0), ("batch_size", 0), ("batch_size", 2.0), ("lr", 0.0), ("lr", float("nan")),
      ("lr_decay", 0.0), ("lr_decay", 1.5), ("lr_decay_every", 0), ("ema_decay", 1.0), ("ema_decay", -0.1),
      ("grad_clip", 0.0), ("checkpoint_every", 0), ("log_every", 0), ("eval_every", 0), ("seed", -1),
-     ("seed", True), ("num_workers", -1), ("amp", 1), ("channels_last", "yes"), ("deterministic", 0),
+     ("seed", True), ("num_workers", -1), ("precision", "fp8"), ("precision", True), ("keep_best", "elbo_bpd"), ("channels_last", "yes"), ("deterministic", 0),
      ("device", "tpu")],
 )
 def test_config_rejects_bad_fields_naming_them(field, value):
@@ -545,3 +545,146 @@ def test_cosine_schedule_refuses_exponential_settings():
         config(lr_schedule="cosine", lr_decay=0.9)
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         config(lr_schedule="linear")
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_fp16_run_with_grad_scaler_resumes_exactly(tmp_path):
+    # The GradScaler's scale and growth tracker are part of the checkpoint: a killed fp16 run resumed
+    # from step 5 ends with the same weights, EMA and scale as an uninterrupted one.
+    cfg = config(steps=10, checkpoint_every=5, log_every=1, precision="fp16")
+    full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full")
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[Kill(at=7)])
+    saved = read_checkpoint(tmp_path / "cut")
+    assert saved["step"] == 5 and saved["scaler"]["scale"] > 0
+    resumed = train(fresh_model(init_seed=1), CountingDataset(24), cfg, tmp_path / "cut")
+    assert resumed.start_step == 5
+    assert_same_params(full.model, resumed.model)
+    assert_same_params(full.ema_model, resumed.ema_model)
+    assert read_checkpoint(tmp_path / "full")["scaler"] == read_checkpoint(tmp_path / "cut")["scaler"]
+    # fp16 autocast really ran: the result differs from the fp32 run of the same seed
+    fp32 = train(fresh_model(), CountingDataset(24), config(steps=10, checkpoint_every=5), tmp_path / "fp32")
+    assert not torch.equal(fp32.model.enc.weight, full.model.enc.weight)
+
+
+def test_resume_refuses_a_checkpoint_of_another_precision(tmp_path):
+    train(fresh_model(), CountingDataset(24), config(steps=4, checkpoint_every=2), tmp_path)
+    with pytest.raises(ValueError, match="precision: checkpoint 'fp32' vs config 'bf16'"):
+        train(fresh_model(), CountingDataset(24), config(steps=6, checkpoint_every=2, precision="bf16"), tmp_path)
+
+
+def test_fp16_overflow_skips_the_update_and_halves_the_scale(tmp_path):
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value):
+            return value.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    class Model(LinearDenoiser):
+        calls = 0
+
+        def forward(self, images):
+            out = super().forward(images)
+            out["loss"] = out["loss"] * 1e-4  # small enough that the initial scale 2**16 does not overflow
+            Model.calls += 1
+            if Model.calls == 3:  # third step: finite loss, infinite gradient
+                out["loss"] = InfGrad.apply(out["loss"])
+            return out
+
+    recorder = Recorder()
+    torch.manual_seed(0)
+    model = Model()
+    cfg = config(steps=4, checkpoint_every=4, log_every=1, ema_decay=None, grad_clip=None, precision="fp16")
+    before = {}
+
+    class Snapshot(Callback):
+        def on_step_end(self, step, metrics):
+            before[step] = model.conv.weight.detach().clone()
+
+    train(model, CountingDataset(24), cfg, tmp_path, callbacks=[recorder, Snapshot()])
+    skipped = {s: m["fp16_skipped"] for s, m in recorder.steps}
+    assert skipped == {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0}
+    assert recorder.steps[2][1]["grad_norm"] == 0.0 and math.isfinite(recorder.steps[2][1]["loss"])
+    assert torch.equal(before[2], before[3])  # the overflowing step left the weights alone
+    assert not torch.equal(before[3], before[4])
+    assert read_checkpoint(tmp_path)["scaler"]["scale"] == 2.0**16 * 0.5  # default init scale, backed off once
+
+
+def test_non_finite_loss_under_fp16_still_stops_the_run(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        train(fresh_model(nan_at_call=2), CountingDataset(24), config(steps=4, precision="fp16"), tmp_path)
+
+
+# ----------------------------------------------------------------------------- selection on validation
+
+
+def test_keep_best_selects_the_lowest_evaluation_and_survives_resume(tmp_path):
+    # a scripted validation curve: lowest at step 4, worse afterwards
+    curve = {2: 5.0, 4: 3.0, 6: 4.0, 8: 3.5, 10: 3.2}
+    seen: dict[int, torch.Tensor] = {}
+    current = {"step": 0}
+
+    class StepTracker(Callback):
+        def on_step_end(self, step, metrics):
+            current["step"] = step
+
+    def eval_fn(module):
+        seen[current["step"]] = module.enc.weight.detach().clone()
+        return {"elbo_bpd": curve[current["step"]]}
+
+    cfg = config(steps=10, checkpoint_every=5, log_every=1, eval_every=2, keep_best="elbo_bpd")
+    full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full", callbacks=[StepTracker()],
+                 eval_fn=eval_fn)
+    assert full.best["step"] == 4 and full.best["value"] == 3.0 and full.best["metrics"] == {"elbo_bpd": 3.0}
+    assert torch.equal(full.best_state["enc.weight"], seen[4])  # the EMA weights evaluated at step 4
+    assert not torch.equal(full.best_state["enc.weight"], full.ema_model.enc.weight)
+
+    # killed at step 7 (after the best was written, past the step-5 checkpoint), resumed: same choice
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[StepTracker(), Kill(at=7)],
+              eval_fn=eval_fn)
+    resumed = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[StepTracker()],
+                    eval_fn=eval_fn)
+    assert resumed.best == full.best
+    assert torch.equal(resumed.best_state["enc.weight"], full.best_state["enc.weight"])
+    # a finished run hands back the same selection without training
+    again = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full", eval_fn=eval_fn)
+    assert again.best == full.best and torch.equal(again.best_state["enc.weight"], seen[4])
+    # without a checkpoint directory the best weights are kept in memory
+    memory = train(fresh_model(), CountingDataset(24), cfg, None, callbacks=[StepTracker()], eval_fn=eval_fn)
+    assert memory.best["step"] == 4 and torch.equal(memory.best_state["enc.weight"], seen[4])
+
+
+def test_keep_best_names_a_missing_metric(tmp_path):
+    cfg = config(steps=4, eval_every=2, keep_best="iw_bpd")
+    with pytest.raises(ValueError, match=r"keep_best='iw_bpd' is not a metric of eval_fn \(got \['elbo_bpd'\]\)"):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path, eval_fn=lambda m: {"elbo_bpd": 1.0})
+
+
+def test_a_torchrun_job_of_one_rank_trains_under_ddp_like_a_single_process(tmp_path, monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    plain = train(fresh_model(), CountingDataset(24), config(steps=4), tmp_path / "plain")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    recorder = Recorder()
+    try:
+        ddp = train(fresh_model(), CountingDataset(24), config(steps=4), tmp_path / "ddp", callbacks=[recorder])
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert recorder.starts[0]["distributed"] is True and recorder.starts[0]["world_size"] == 1
+    for a, b in zip(plain.model.parameters(), ddp.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

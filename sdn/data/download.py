@@ -1,8 +1,8 @@
 """Resumable, verified download of one dataset archive (stdlib urllib only).
 
 The file is streamed into ``<dest>.part`` with a progress bar; an interrupted transfer resumes with
-an HTTP Range request when the server honours it. The finished file is checked (md5 / sha256 when
-pinned, otherwise a container sanity check) and only then moved atomically to ``dest``, so a DVC
+an HTTP Range request when the server honours it. The finished file is checked (md5 / sha256 or a
+sha256 prefix when pinned, otherwise a container sanity check) and only then moved atomically to ``dest``, so a DVC
 stage never sees a partial output at its final path. Every failure raises one ``DownloadError``
 naming the dataset, the URL and what was expected.
 """
@@ -58,6 +58,7 @@ def download(
     md5: str | None = None,
     sha256: str | None = None,
     kind: str | None = None,
+    sha256_prefix: str | None = None,
     timeout: float = 60.0,
     retries: int = 2,
     backoff_s: float = 2.0,
@@ -68,10 +69,13 @@ def download(
 
     ``md5``/``sha256``: expected checksum (either or both); when neither is given the computed
     sha256 is printed with a warning. ``kind``: container type ("tar", "tar.gz", "h5", "npz") to
-    sanity-check. A second call with a verified file already at ``dest`` downloads nothing.
+    sanity-check. ``sha256_prefix``: the first 8 or more hex digits of the expected sha256, as in
+    torch.hub's ``<name>-<sha256 prefix>.<ext>`` file names. A second call with a verified file
+    already at ``dest`` downloads nothing.
     """
     md5 = check_hex_digest("md5", md5)
     sha256 = check_hex_digest("sha256", sha256)
+    sha256_prefix = _check_prefix(sha256_prefix)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
     if not isinstance(url, str) or not re.match(r"^(https?|file)://", url):
@@ -79,12 +83,13 @@ def download(
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     dest = Path(dest)
-    expected = _describe_expected(md5, sha256, kind)
+    expected = _describe_expected(md5, sha256, kind, sha256_prefix)
+    pinned = bool(md5 or sha256 or sha256_prefix)
 
     if dest.exists():
-        problem, digests = _verify(dest, md5, sha256, kind, progress)
+        problem, digests = _verify(dest, md5, sha256, kind, progress, sha256_prefix)
         if problem is None:
-            return Downloaded(dest, digests["sha256"], digests["md5"], False, bool(md5 or sha256))
+            return Downloaded(dest, digests["sha256"], digests["md5"], False, pinned)
         warnings.warn(f"[{dataset}] existing {dest} is not valid ({problem}); downloading again")
         dest.unlink()
 
@@ -102,22 +107,37 @@ def download(
     else:
         raise DownloadError(dataset, url, expected, f"{last} (after {retries + 1} attempts)")
 
-    problem, digests = _verify(part, md5, sha256, kind, progress)
+    problem, digests = _verify(part, md5, sha256, kind, progress, sha256_prefix)
     if problem is not None:
         part.unlink(missing_ok=True)  # a wrong file cannot be resumed into a right one
         raise DownloadError(dataset, url, expected, problem)
-    if not (md5 or sha256):
+    if not pinned:
         warnings.warn(
             f"[{dataset}] {url}: no checksum pinned, file NOT verified; computed "
             f"sha256={digests['sha256']} (put it in params.yaml to pin it)"
         )
         print(f"[{dataset}] sha256 {digests['sha256']}  {dest.name}")
     os.replace(part, dest)
-    return Downloaded(dest, digests["sha256"], digests["md5"], True, bool(md5 or sha256))
+    return Downloaded(dest, digests["sha256"], digests["md5"], True, pinned)
 
 
-def _describe_expected(md5: str | None, sha256: str | None, kind: str | None) -> str:
-    parts = [f"md5 {md5}" if md5 else "", f"sha256 {sha256}" if sha256 else ""]
+def _check_prefix(prefix: str | None) -> str | None:
+    """Normalise an expected sha256 prefix (8 to 64 hex digits, lower case) or raise ValueError."""
+    if prefix is None:
+        return None
+    if not isinstance(prefix, str) or not re.fullmatch(r"[0-9a-fA-F]{8,64}", prefix):
+        raise ValueError(f"expected a sha256 prefix as 8 to 64 hex digits, got {prefix!r}")
+    return prefix.lower()
+
+
+def _describe_expected(
+    md5: str | None, sha256: str | None, kind: str | None, sha256_prefix: str | None = None
+) -> str:
+    parts = [
+        f"md5 {md5}" if md5 else "",
+        f"sha256 {sha256}" if sha256 else "",
+        f"sha256 starting with {sha256_prefix}" if sha256_prefix else "",
+    ]
     text = " and ".join(p for p in parts if p)
     if not text:
         text = "an unverified file (no checksum pinned)"
@@ -125,7 +145,12 @@ def _describe_expected(md5: str | None, sha256: str | None, kind: str | None) ->
 
 
 def _verify(
-    path: Path, md5: str | None, sha256: str | None, kind: str | None, progress: bool
+    path: Path,
+    md5: str | None,
+    sha256: str | None,
+    kind: str | None,
+    progress: bool,
+    sha256_prefix: str | None = None,
 ) -> tuple[str | None, dict[str, str]]:
     """(None, digests) if ``path`` passes every check, else (the first failure, digests)."""
     if path.stat().st_size == 0:
@@ -136,6 +161,8 @@ def _verify(
     for name, value in (("md5", md5), ("sha256", sha256)):
         if value and digests[name] != value:
             return f"{name} mismatch: got {digests[name]}", digests
+    if sha256_prefix and not digests["sha256"].startswith(sha256_prefix):
+        return f"sha256 prefix mismatch: got {digests['sha256']}", digests
     if kind is not None:
         try:
             check_container(path, kind)

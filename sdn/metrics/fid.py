@@ -1,9 +1,13 @@
-"""FID of model samples against cached reference statistics, through torch-fidelity's FID Inception-v3.
+"""FID and KID of model samples against cached reference statistics, through torch-fidelity's FID Inception-v3.
 
 The network, its TF1-compatible bilinear resize to 299x299 and the 2048-d pool3 features are
 torch-fidelity's (``FeatureExtractorInceptionV3``, registered as ``inception-v3-compat``); weights are
-only ever read from a local file, never downloaded. The Frechet distance follows pytorch-fid's
-conventions (float64, ``scipy.linalg.sqrtm``, ``eps * I`` offset for singular products).
+only ever read from a local file here (the ``download_fid_weights`` stage, ``pipelines/download.py
+--fid-weights``, fetches and verifies that file). The Frechet distance follows pytorch-fid's
+conventions (float64, ``scipy.linalg.sqrtm``, ``eps * I`` offset for singular products). KID is
+torch-fidelity's ``kid_features_to_metric`` (unbiased MMD^2 with the kernel ``(x.y / d + 1)^3``,
+averaged over random subsets) on the same features: all generated samples against the reference
+file's seeded subset of training-image features.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import scipy.linalg
 import torch
 import torch_fidelity
 import torchvision.utils
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
 from sdn.metrics.fid_stats import (
     FEATURE_DIM,
+    FeatureKeeper,
     ReferenceStatistics,
     ReferenceStatisticsUnavailable,
     accumulate_statistics,
@@ -39,6 +45,14 @@ RESIZE = "torch-fidelity TF1-compatible bilinear resize to 299x299"
 NO_WEIGHTS_REASON = "no Inception weights: set fid.weights_path"
 # Weights file torch-fidelity would download (identical content to pytorch-fid's pt_inception file).
 WEIGHTS_FILE_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+WEIGHTS_URL = URL_INCEPTION_V3  # torch-fidelity's release URL of the first name
+# The "-6726825d" suffix follows torch.hub's naming convention ``<name>-<hash>.<ext>``, where <hash> is
+# the first 8+ hex digits of the file's SHA-256 (torch.hub.load_state_dict_from_url(check_hash=True)
+# and download_url_to_file compare it with hashlib.sha256; torch-fidelity's CLIP weights use the same
+# convention with check_hash=True). It is a sha256 prefix, not an md5 one.
+WEIGHTS_SHA256_PREFIX = "6726825d"
+KID_KERNEL = "polynomial (x.y / d + 1)^3"
+KID_ESTIMATOR = "unbiased MMD^2, mean and std over random subsets (torch-fidelity kid_features_to_metric)"
 
 SampleFn = Callable[[int], torch.Tensor]
 
@@ -64,7 +78,10 @@ def load_inception(
         raise InceptionWeightsUnavailable(NO_WEIGHTS_REASON)
     path = Path(weights_path).expanduser()
     if not path.exists():
-        raise InceptionWeightsUnavailable(f"{NO_WEIGHTS_REASON} (file not found: {path})")
+        raise InceptionWeightsUnavailable(
+            f"no network: {path} not found (this study does not download the FID Inception weights: "
+            "run `python pipelines/download.py --fid-weights` where there is network, or copy the file there)"
+        )
     if not path.is_file():
         raise InvalidInceptionWeights(f"{path}: Inception weights path is not a file")
     try:
@@ -152,9 +169,31 @@ def frechet_distance(
     return frechet_distance_with_info(mu1, sigma1, mu2, sigma2, eps)[0]
 
 
+def kid_from_features(
+    features_1: np.ndarray, features_2: np.ndarray, subsets: int, subset_size: int, seed: int
+) -> tuple[float, float]:
+    """(mean, std) of KID over ``subsets`` random subsets of ``subset_size`` rows of each feature set,
+    by torch-fidelity's ``kid_features_to_metric`` (its default polynomial kernel, seeded subset draws)."""
+    if not isinstance(subsets, int) or subsets < 1:
+        raise ValueError(f"KID subsets must be an int >= 1, got {subsets!r}")
+    if not isinstance(subset_size, int) or subset_size < 2:
+        raise ValueError(f"KID subset_size must be an int >= 2, got {subset_size!r}")
+    for name, feats in (("features_1", features_1), ("features_2", features_2)):
+        if feats.ndim != 2 or len(feats) < subset_size:
+            raise ValueError(f"KID: {name} must be (N >= subset_size={subset_size}, D), got {feats.shape}")
+    if features_1.shape[1] != features_2.shape[1]:
+        raise ValueError(f"KID: feature dimensions differ: {features_1.shape[1]} vs {features_2.shape[1]}")
+    out = kid_features_to_metric(
+        torch.from_numpy(np.ascontiguousarray(features_1)), torch.from_numpy(np.ascontiguousarray(features_2)),
+        kid_subsets=subsets, kid_subset_size=subset_size, rng_seed=seed, verbose=False,
+    )
+    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
+
+
 @dataclass
 class FIDResult:
-    """One FID value (``None`` when unavailable) with everything needed to interpret it."""
+    """One FID value (``None`` when unavailable) and the KID of the same features, with everything
+    needed to interpret them."""
 
     value: float | None
     available: bool
@@ -167,6 +206,17 @@ class FIDResult:
     reference: str | None = None
     temperature: float | None = None
     eps_offset_used: bool | None = None
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    kid_available: bool = False
+    kid_reason: str | None = None
+    kid_subsets: int | None = None
+    kid_subset_size: int | None = None  # used: the requested size capped by both feature counts
+    kid_subset_size_requested: int | None = None
+    kid_seed: int | None = None
+    kid_reference: str | None = None  # the reference features' split, count and subset seed
+    kid_kernel: str = KID_KERNEL
+    kid_estimator: str = KID_ESTIMATOR
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON/MLflow logging."""
@@ -218,8 +268,9 @@ def save_sample_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 
 
 
 def _unavailable(reason: str, num_samples: int, reference: str | None, temperature: float | None) -> FIDResult:
-    logger.warning("FID not computed: %s", reason)
-    return FIDResult(None, False, reason, num_samples=num_samples, reference=reference, temperature=temperature)
+    logger.warning("FID and KID not computed: %s", reason)
+    return FIDResult(None, False, reason, num_samples=num_samples, reference=reference, temperature=temperature,
+                     kid_reason=reason)
 
 
 def compute_fid(
@@ -236,11 +287,17 @@ def compute_fid(
     grid_size: int = 64,
     eps: float = 1e-6,
     progress: bool = True,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    kid_seed: int = 0,
 ) -> FIDResult:
-    """FID of ``num_samples`` images from ``sample_fn`` against reference statistics (object or ``.npz``).
+    """FID and KID of ``num_samples`` images from ``sample_fn`` against reference statistics (object or ``.npz``).
 
     Without usable weights (or with a reference file that records none) the result is n/a
     (``value=None``, ``available=False``) unless ``required``, in which case the error is raised.
+    KID uses every generated feature and the reference's stored feature subset, with subsets of
+    ``min(kid_subset_size, num_samples, reference features)`` rows (recorded); it is n/a, with the
+    reason, when the reference has no features.
     ``temperature`` is only recorded: ``sample_fn`` must already sample at it (see :func:`model_sample_fn`).
     A PNG grid of the first ``grid_size`` samples is written to ``grid_path`` if given.
     """
@@ -248,6 +305,10 @@ def compute_fid(
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(kid_subsets, int) or kid_subsets < 1:
+        raise ValueError(f"kid_subsets must be an int >= 1, got {kid_subsets!r}")
+    if not isinstance(kid_subset_size, int) or kid_subset_size < 2:
+        raise ValueError(f"kid_subset_size must be an int >= 2, got {kid_subset_size!r}")
     try:
         extractor = load_inception(weights_path, device)
         if not isinstance(reference, ReferenceStatistics):
@@ -279,10 +340,24 @@ def compute_fid(
                 kept += grid[-1].shape[0]
             yield batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
 
-    mu, sigma, count = accumulate_statistics(batches(), extractor, device, num_samples, "FID samples", progress)
+    keep = FeatureKeeper() if reference.features is not None else None  # every generated feature, for KID
+    mu, sigma, count = accumulate_statistics(batches(), extractor, device, num_samples, "FID samples", progress, keep)
     if grid_path is not None:
         save_sample_grid(torch.cat(grid), grid_path)
     value, offset_used = frechet_distance_with_info(mu, sigma, reference.mu, reference.sigma, eps)
+    kid: dict[str, Any] = {"kid_subsets": kid_subsets, "kid_subset_size_requested": kid_subset_size,
+                           "kid_seed": kid_seed, "kid_reference": reference.describe_features()}
+    if keep is None:
+        kid["kid_reason"] = "the reference statistics file has no KID features (recompute it with pipelines/fid_stats.py)"
+    else:
+        size = min(kid_subset_size, count, len(reference.features))
+        if size < 2:
+            kid["kid_reason"] = f"KID needs at least 2 features on each side, got {count} and {len(reference.features)}"
+        else:
+            mean, std = kid_from_features(keep.features(), reference.features, kid_subsets, size, kid_seed)
+            kid.update(kid_mean=mean, kid_std=std, kid_available=True, kid_subset_size=size)
+    if not kid.get("kid_available"):
+        logger.warning("KID not computed: %s", kid["kid_reason"])
     return FIDResult(
         value=value,
         available=True,
@@ -291,6 +366,7 @@ def compute_fid(
         reference=reference.describe(),
         temperature=temperature,
         eps_offset_used=offset_used,
+        **kid,
     )
 
 

@@ -3,6 +3,9 @@
 Features are the 2048-d pool3 activations of torch-fidelity's FID Inception-v3; the statistics
 follow pytorch-fid / torch-fidelity conventions (mean, and ``np.cov`` with ``ddof=1``), computed in
 float64 by merging per-batch moments (Chan et al.) so 50k samples never need to be held in memory.
+For KID the file also keeps the features themselves of a fixed, seeded subset of the split's images
+(``np.random.default_rng(seed).choice`` without replacement, stored sorted with their indices), as
+float32: the dtype torch-fidelity's extractor produces, so storing them loses nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from tqdm.auto import tqdm
 FEATURE_DIM = 2048
 # Keys of the reference-statistics file format (one .npz per dataset split).
 _META_KEYS = ("dataset", "split", "num_images", "implementation", "version", "feature_layer")
-_FORMAT_VERSION = 1
+# Version 2 adds the KID reference features: features (K, D) float32, feature_indices (K,), features_seed.
+_FORMAT_VERSION = 2
 
 
 class ReferenceStatisticsUnavailable(RuntimeError):
@@ -39,10 +43,55 @@ class ReferenceStatistics:
     implementation: str
     version: str
     feature_layer: str
+    features: np.ndarray | None = None  # (K, D) float32 features of a seeded subset, for KID; None: none kept
+    feature_indices: np.ndarray | None = None  # (K,) sorted image indices of ``features`` in the split
+    features_seed: int | None = None  # seed of the subset choice
 
     def describe(self) -> str:
         """Short provenance string recorded with every FID value, e.g. ``cifar10/train (50000 images)``."""
         return f"{self.dataset}/{self.split} ({self.num_images} images)"
+
+    def describe_features(self) -> str | None:
+        """Provenance of the KID reference features, e.g. ``cifar10/train (10000 of 50000 images, seed 0)``."""
+        if self.features is None:
+            return None
+        return f"{self.dataset}/{self.split} ({len(self.features)} of {self.num_images} images, seed {self.features_seed})"
+
+
+class FeatureKeeper:
+    """Keeps the feature rows whose global index (order of arrival) is in ``indices``, as float32."""
+
+    def __init__(self, indices: np.ndarray | None = None) -> None:
+        self.indices = None if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
+        self._kept: list[np.ndarray] = []
+        self._seen = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        """Take the wanted rows of the next batch (all of them when no indices were given)."""
+        start, self._seen = self._seen, self._seen + len(rows)
+        if self.indices is None:
+            self._kept.append(np.asarray(rows, dtype=np.float32))
+            return
+        lo, hi = np.searchsorted(self.indices, [start, self._seen])
+        if hi > lo:
+            self._kept.append(np.asarray(rows[self.indices[lo:hi] - start], dtype=np.float32))
+
+    def features(self) -> np.ndarray:
+        """The kept rows in index order, (K, D) float32 (raises if some wanted index never arrived)."""
+        dim = self._kept[0].shape[1] if self._kept else FEATURE_DIM
+        out = np.concatenate(self._kept) if self._kept else np.zeros((0, dim), np.float32)
+        if self.indices is not None and len(out) != len(self.indices):
+            raise ValueError(f"expected features of {len(self.indices)} chosen images, got {len(out)} "
+                             f"(only {self._seen} images arrived)")
+        return out
+
+
+def choose_feature_indices(num_images: int, num_features: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subset of ``min(num_features, num_images)`` of ``num_images`` images."""
+    if not isinstance(num_features, int) or num_features < 0:
+        raise ValueError(f"num_features must be an int >= 0, got {num_features!r}")
+    size = min(num_features, num_images)
+    return np.sort(np.random.default_rng(seed).choice(num_images, size=size, replace=False))
 
 
 class RunningMoments:
@@ -146,12 +195,17 @@ def accumulate_statistics(
     total: int | None = None,
     desc: str = "Inception features",
     progress: bool = True,
+    keep: FeatureKeeper | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Run batches through the extractor and return (mu, sigma, count) of their features."""
+    """Run batches through the extractor and return (mu, sigma, count) of their features
+    (the rows ``keep`` asks for are also handed to it)."""
     moments = RunningMoments(FEATURE_DIM)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
         for batch in batches:
-            moments.update(inception_features(extractor, batch, device))
+            features = inception_features(extractor, batch, device)
+            moments.update(features)
+            if keep is not None:
+                keep.add(features)
             bar.update(batch.shape[0])
     return moments.mean, moments.covariance(), moments.count
 
@@ -165,9 +219,32 @@ def compute_reference_statistics(
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the Inception features of a dataset split (all images, or the first ``max_images``)."""
-    batches, total = iterate_image_batches(images, batch_size, max_images)
-    mu, sigma, _ = accumulate_statistics(batches, extractor, device, total, "reference statistics", progress)
+    mu, sigma, _, _ = compute_reference(images, extractor, batch_size, device, max_images, progress)
     return mu, sigma
+
+
+def compute_reference(
+    images: torch.Tensor | Dataset | Iterable[Any],
+    extractor: torch.nn.Module,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    max_images: int | None = None,
+    progress: bool = True,
+    num_features: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(mu, sigma, features, indices): statistics of the split and the float32 features of a seeded
+    subset of ``num_features`` of its images for KID (``None, None`` when ``num_features`` is 0)."""
+    batches, total = iterate_image_batches(images, batch_size, max_images)
+    keep = None
+    if num_features:
+        if total is None:
+            raise ValueError("KID reference features need images of known count (a tensor or a sized Dataset)")
+        keep = FeatureKeeper(choose_feature_indices(total, num_features, seed))
+    mu, sigma, _ = accumulate_statistics(batches, extractor, device, total, "reference statistics", progress, keep)
+    if keep is None:
+        return mu, sigma, None, None
+    return mu, sigma, keep.features(), keep.indices
 
 
 def _check_shapes(mu: np.ndarray, sigma: np.ndarray, where: str, expected_dim: int | None) -> None:
@@ -185,6 +262,12 @@ def save_reference_statistics(path: str | os.PathLike, stats: ReferenceStatistic
     """Write statistics and their provenance to one ``.npz`` (no pickles)."""
     path = Path(path)
     _check_shapes(np.asarray(stats.mu), np.asarray(stats.sigma), str(path), None)
+    extra: dict[str, np.ndarray] = {}
+    if stats.features is not None:
+        features = np.asarray(stats.features, dtype=np.float32)
+        indices = np.asarray(stats.feature_indices, dtype=np.int64)
+        _check_features(features, indices, str(path), len(stats.mu), stats.num_images)
+        extra = {"features": features, "feature_indices": indices, "features_seed": np.array(int(stats.features_seed))}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:  # a file handle stops numpy appending ".npz" to the name
         np.savez(
@@ -194,8 +277,20 @@ def save_reference_statistics(path: str | os.PathLike, stats: ReferenceStatistic
             mu=np.asarray(stats.mu, dtype=np.float64),
             sigma=np.asarray(stats.sigma, dtype=np.float64),
             **{key: np.array(getattr(stats, key)) for key in _META_KEYS},
+            **extra,
         )
     return path
+
+
+def _check_features(features: np.ndarray, indices: np.ndarray, where: str, dim: int, num_images: int) -> None:
+    """KID reference features must be (K, dim) finite rows with K distinct sorted indices in the split."""
+    if features.ndim != 2 or features.shape[1] != dim or indices.shape != (features.shape[0],):
+        raise ValueError(f"{where}: expected KID features (K, {dim}) and indices (K,), got {features.shape} "
+                         f"and {indices.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError(f"{where}: KID features contain NaN or inf")
+    if len(indices) and (indices[0] < 0 or indices[-1] >= num_images or np.any(np.diff(indices) <= 0)):
+        raise ValueError(f"{where}: KID feature indices must be sorted, distinct and in [0, {num_images})")
 
 
 def save_unavailable_reference(path: str | os.PathLike, dataset: str, split: str, reason: str) -> Path:
@@ -236,6 +331,13 @@ def load_reference_statistics(path: str | os.PathLike, expected_dim: int | None 
     mu = np.asarray(contents["mu"], dtype=np.float64)
     sigma = np.asarray(contents["sigma"], dtype=np.float64)
     _check_shapes(mu, sigma, str(path), expected_dim)
+    features = indices = seed = None
+    if "features" in contents:  # format 2: KID reference features
+        if "feature_indices" not in contents or "features_seed" not in contents:
+            raise ValueError(f"{path}: KID features stored without feature_indices / features_seed")
+        features, indices = contents["features"], np.asarray(contents["feature_indices"], dtype=np.int64)
+        _check_features(features, indices, str(path), mu.shape[0], int(contents["num_images"]))
+        seed = int(contents["features_seed"])
     return ReferenceStatistics(
         mu=mu,
         sigma=sigma,
@@ -245,4 +347,7 @@ def load_reference_statistics(path: str | os.PathLike, expected_dim: int | None 
         implementation=str(contents["implementation"]),
         version=str(contents["version"]),
         feature_layer=str(contents["feature_layer"]),
+        features=features,
+        feature_indices=indices,
+        features_seed=seed,
     )

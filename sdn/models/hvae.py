@@ -29,9 +29,14 @@ def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 
 def _gated_residual(skip: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """(1 - sigma(g - 1)) * skip + sigma(g - 1) * h for (h, g) = update split in two."""
+    """(1 - sigma(g - 1)) * skip + sigma(g - 1) * h for (h, g) = update split in two.
+
+    Under autocast ``update`` may be fp16/bf16 while ``skip`` is fp32: both are promoted to the wider
+    type (lerp has no autocast rule), so the residual stream keeps its precision.
+    """
     h, g = update.chunk(2, dim=1)
-    return torch.lerp(skip, h, torch.sigmoid(g - 1.0))
+    dtype = torch.promote_types(skip.dtype, h.dtype)
+    return torch.lerp(skip.to(dtype), h.to(dtype), torch.sigmoid(g - 1.0).to(dtype))
 
 
 class LadderLayer(nn.Module):
