@@ -35,10 +35,11 @@ repro-paper: setup
 	cp params-paper.yaml params.yaml
 	$(DVC_ENV) $(VENV)/bin/dvc repro
 
-# MLflow UI on the study's store, on the loopback interface only.
+# MLflow UI on the study's store, on the loopback interface only (`make ui PORT=5001` for another port).
+PORT ?= 5000
 ui: setup
 	$(VENV)/bin/mlflow server --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
-		--host 127.0.0.1 --port 5000 --workers 1
+		--host 127.0.0.1 --port $(PORT) --workers 1
 
 test: setup
 	@$(DVC_ENV) $(PY) -m pytest; rc=$$?; \
