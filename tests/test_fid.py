@@ -43,7 +43,6 @@ from sdn.metrics.fid_stats import (
     RunningMoments,
     choose_feature_indices,
     compute_reference,
-    compute_reference_statistics,
     iterate_image_batches,
     load_reference_statistics,
     save_reference_statistics,
@@ -481,7 +480,8 @@ def test_reference_kid_subset_is_the_seeded_images_features(reference, extractor
     assert np.array_equal(indices, np.sort(np.random.default_rng(9).choice(NUM_IMAGES, 4, replace=False)))
     np.testing.assert_allclose(subset, features[indices], rtol=1e-5, atol=1e-6)  # other batching, same images
     np.testing.assert_allclose(mu, stats.mu, rtol=1e-5, atol=1e-6)
-    mu_only, sigma_only = compute_reference_statistics(dataset, extractor, batch_size=4, progress=False)
+    mu_only, sigma_only, none, no_indices = compute_reference(dataset, extractor, batch_size=4, progress=False)
+    assert none is None and no_indices is None  # num_features=0: statistics only
     assert np.array_equal(mu_only, mu) and np.array_equal(sigma_only, sigma)  # same pass without features
 
 

@@ -210,19 +210,6 @@ def accumulate_statistics(
     return moments.mean, moments.covariance(), moments.count
 
 
-def compute_reference_statistics(
-    images: torch.Tensor | Dataset | Iterable[Any],
-    extractor: torch.nn.Module,
-    batch_size: int = 50,
-    device: str | torch.device = "cpu",
-    max_images: int | None = None,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the Inception features of a dataset split (all images, or the first ``max_images``)."""
-    mu, sigma, _, _ = compute_reference(images, extractor, batch_size, device, max_images, progress)
-    return mu, sigma
-
-
 def compute_reference(
     images: torch.Tensor | Dataset | Iterable[Any],
     extractor: torch.nn.Module,
