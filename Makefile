@@ -27,13 +27,16 @@ repro: setup
 
 # A rerun's metrics against the committed study (HEAD), within a tolerance: exit 1 beyond it.
 compare: setup
-	$(DVC_ENV) $(PY) pipelines/compare.py
+	$(DVC_ENV) $(PY) -m pipelines.compare
 
-# The paper study: the same dvc.yaml with params-paper.yaml as params.yaml
-# (`git checkout params.yaml` returns to the embedded study).
+# The paper study: the same dvc.yaml with params-paper.yaml, run in its own git worktree
+# (PAPER_DIR, default ../<this folder>-paper, made from HEAD on first use) whose params.yaml is the
+# paper's: this checkout's tracked files stay as they are. MLflow runs land in this store (sdn-paper).
+PAPER_DIR ?= $(abspath $(CURDIR)/../$(notdir $(CURDIR))-paper)
 repro-paper: setup
-	cp params-paper.yaml params.yaml
-	$(DVC_ENV) $(VENV)/bin/dvc repro
+	@test -d "$(PAPER_DIR)" || git worktree add --detach "$(PAPER_DIR)" HEAD
+	cp params-paper.yaml "$(PAPER_DIR)/params.yaml"
+	cd "$(PAPER_DIR)" && $(DVC_ENV) $(CURDIR)/$(VENV)/bin/dvc repro
 
 # MLflow UI on the study's store, on the loopback interface only (`make ui PORT=5001` for another port).
 PORT ?= 5000

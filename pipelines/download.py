@@ -1,17 +1,16 @@
 """DVC stage: download one dataset archive (or the FID Inception weights), verify it, move it into place atomically.
 
-Usage: ``python pipelines/download.py --dataset NAME [--params params.yaml]``
-       ``python pipelines/download.py --fid-weights [--params params.yaml]`` (stage download_fid_weights)
+Usage: ``python -m pipelines.download --dataset NAME --raw DIR [--params params.yaml]``
+       ``python -m pipelines.download --fid-weights [--params params.yaml]`` (stage download_fid_weights)
 
-Reads the section ``data.<NAME>`` of the params file::
+dvc.yaml passes the folder (``--raw data/raw/<NAME>``); the archive keeps its official file name
+there. The params section ``data.<NAME>`` says where it comes from::
 
     data:
       cifar10:
         url: https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz   # required; any mirror
         md5: c58f30108f718f92721af3b95e74349a    # optional; and/or sha256: <64 hex>
                                                  # both null/absent = not verified (prints sha256, warns)
-        archive: data/raw/cifar-10-python.tar.gz # where the file goes (the stage's output)
-        out: data/prepared/cifar10               # used by pipelines/prepare.py
 
 Archived datasets: cifar10, imagenet32, celebahq256, shapes3d, dsprites (defaults for url, checksum
 and file name are in ``sdn.data.sources.SOURCES``). Embedded datasets have no download step.
@@ -28,21 +27,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdn/
-
-from pipelines.study import dataset_params  # noqa: E402
-from sdn.data.download import DownloadError, Downloaded, download  # noqa: E402
-from sdn.data.sources import SOURCES  # noqa: E402
+from pipelines.params import dataset_section, read_yaml
+from sdn.data.download import DownloadError, Downloaded, download
+from sdn.data.sources import SOURCES
 
 FID_WEIGHTS = "fid_weights"  # the name DownloadError and the progress bar give the weights file
 
 
 def fid_weights_params(params_path: str | Path) -> tuple[Path, dict]:
     """(``fid.weights_path``, ``fid.weights``) of the params file (ValueError naming a missing key)."""
-    with open(params_path) as handle:
-        params = yaml.safe_load(handle) or {}
+    params = read_yaml(params_path) or {}
     fid = params.get("fid") or {}
     weights = fid.get("weights")
     if not isinstance(weights, dict) or not weights.get("url"):
@@ -67,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--dataset", help=f"one of {sorted(SOURCES)}")
     what.add_argument("--fid-weights", action="store_true", help="the FID Inception weights (fid.weights)")
+    parser.add_argument("--raw", type=Path, help="the dataset's download folder (dvc.yaml: data/raw/NAME)")
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -83,20 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset not in SOURCES:
         parser.error(f"--dataset must be one of {sorted(SOURCES)} (embedded datasets need no download)")
     source = SOURCES[args.dataset]
-    section = dataset_params(args.params, args.dataset)
-    if not section.get("url"):
+    if args.raw is None:
+        parser.error("--raw (the download folder) is required with --dataset")
+    section = dataset_section(args.params, args.dataset)
+    if not section.url:
         raise ValueError(f"data.{args.dataset}.url is required (the official one is {source.url})")
-    archive = Path(section.get("archive") or Path("data/raw") / source.filename)
+    archive = args.raw / source.filename
     try:
         result = download(
             args.dataset,
-            section["url"],
+            section.url,
             archive,
-            md5=section.get("md5"),
-            sha256=section.get("sha256"),
+            md5=section.md5,
+            sha256=section.sha256,
             kind=source.kind,
-            timeout=float(section.get("timeout", 60)),
-            retries=int(section.get("retries", 2)),
+            timeout=float(section.timeout or 60),
+            retries=int(2 if section.retries is None else section.retries),
             progress=not args.quiet,
         )
     except DownloadError as error:

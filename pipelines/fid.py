@@ -9,33 +9,30 @@ every value.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdn/ and baselines/
+import torch
 
-import torch  # noqa: E402
-
-from sdn.metrics.fid import compute_model_fid  # noqa: E402
-from pipelines.study import Run, Study, run_stage  # noqa: E402
+from pipelines.study import Run, RunPaths, Study, run_stage
+from sdn.metrics.fid import compute_model_fid
 
 
-def fid_run(study: Study, run: Run) -> None:
-    """FID of ``run``'s samples (or n/a with the reason), written and logged."""
-    paths = study.paths(run)
-    fid_cfg = study.params["fid"]
-    kid_cfg = fid_cfg["kid"]
-    temperature = float(study.section("density", run.dataset)["samples"]["temperature"])
+def fid_run(study: Study, run: Run, paths: RunPaths) -> None:
+    """FID of ``run``'s samples against the dataset's reference statistics (or n/a with the
+    reason), written and logged."""
+    fid_cfg = study.validated.fid
+    kid_cfg = fid_cfg.kid
+    temperature = float(study.section(run).samples.temperature)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     model = study.build_model(run)
     model.load_state_dict(torch.load(paths.weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
     result = compute_model_fid(
-        model, study.fid_stats_dir(run.dataset) / "stats.npz", fid_cfg["weights_path"],
-        temperature=temperature, seed=run.seed, num_samples=fid_cfg["num_samples"],
-        batch_size=fid_cfg["batch_size"], device=device, progress=False,
-        kid_subsets=kid_cfg["subsets"], kid_subset_size=kid_cfg["subset_size"], kid_seed=kid_cfg["seed"],
+        model, paths.dirs.reference, fid_cfg.weights_path,
+        temperature=temperature, seed=run.seed, num_samples=fid_cfg.num_samples,
+        batch_size=fid_cfg.batch_size, device=device, progress=False,
+        kid_subsets=kid_cfg.subsets, kid_subset_size=kid_cfg.subset_size, kid_seed=kid_cfg.seed,
     )
     record = result.to_dict()
     record["fid"] = result.value if result.available else "n/a"
@@ -43,7 +40,7 @@ def fid_run(study: Study, run: Run) -> None:
     paths.fid_metrics.parent.mkdir(parents=True, exist_ok=True)
     paths.fid_metrics.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
-    from sdn.tracking import Tracker
+    from pipelines.tracking import Tracker
 
     tracker = Tracker(study.experiment)
     run_id = tracker.run_for_update(
@@ -61,9 +58,9 @@ def fid_run(study: Study, run: Run) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     # Without Inception weights every seed only writes "n/a": not worth a process each.
-    run_stage(__doc__, __file__, fid_run, argv, family="density",
-              side_by_side=lambda study: bool(study.params["fid"]["weights_path"])
-              and Path(study.params["fid"]["weights_path"]).is_file())
+    run_stage(__doc__, "pipelines.fid", fid_run, argv, family="density",
+              side_by_side=lambda study: Path(study.validated.fid.weights_path).is_file(),
+              dirs=("models", "reference", "fid_metrics"))
 
 
 if __name__ == "__main__":

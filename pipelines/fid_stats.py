@@ -29,9 +29,10 @@ from sdn.metrics.fid_stats import (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", required=True, help="dataset name for sdn.data.get_dataset")
-    parser.add_argument("--split", default="train", help="dataset split (FID convention: train)")
-    parser.add_argument("--root", default="data", help="data root for sdn.data.get_dataset")
+    parser.add_argument("--dataset", required=True, help="a dataset of the study")
+    parser.add_argument("--split", default="train", help="prepared split (FID convention: the whole train split)")
+    parser.add_argument("--data", type=Path, help="the dataset's prepared folder (embedded: optional)")
+    parser.add_argument("--params", default="params.yaml", help="params file (the dataset's options)")
     parser.add_argument("--out", required=True, type=Path, help="output .npz")
     parser.add_argument("--weights-path", default="", help="local Inception weights (fid.weights_path); empty = none")
     parser.add_argument("--batch-size", type=int, default=50)
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.warning("FID reference statistics not computed: %s", err)
         save_unavailable_reference(args.out, args.dataset, args.split, str(err))
         return 0
-    from sdn.data import get_dataset  # only needed when statistics are actually computed
+    from pipelines.study import load_study  # only needed when statistics are actually computed
 
-    dataset = get_dataset(args.dataset, args.split, args.root)
+    dataset = load_study(args.params).with_data(args.dataset, args.data).prepared(args.dataset, args.split)
     max_images = args.max_images or None
     mu, sigma, features, indices = compute_reference(
         dataset, extractor, args.batch_size, args.device, max_images, num_features=args.kid_features, seed=args.kid_seed

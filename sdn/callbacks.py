@@ -1,5 +1,5 @@
 """The trainer's reporting interface: callbacks receive metrics, so trackers (e.g. MLflow in
-``sdn/tracking.py``) can log live without the library importing them; plus a training-curve writer.
+``pipelines/tracking.py``) can log live without the library importing them; plus a training-curve writer.
 
 Callbacks run on rank 0 only. An exception raised in a callback stops training.
 """

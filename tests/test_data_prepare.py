@@ -48,20 +48,20 @@ def test_cifar10_pipeline_scripts_end_to_end(tmp_path):
         section = {
             "url": url(server, "ok", "cifar-10-python.tar.gz"),
             "md5": md5,
-            "archive": str(tmp_path / "raw" / "cifar-10-python.tar.gz"),
-            "out": str(tmp_path / "prepared" / "cifar10"),
             "retries": 0,
         }
+        raw, out = tmp_path / "raw", tmp_path / "prepared" / "cifar10"  # dvc.yaml's --raw / --out
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump({"data": {"cifar10": section}}))
         download, prepare_cli = _script("download"), _script("prepare")
-        assert download.main(["--dataset", "cifar10", "--params", str(params), "--quiet"]) == 0
-        assert prepare_cli.main(["--dataset", "cifar10", "--params", str(params), "--quiet"]) == 0
+        fetch = ["--dataset", "cifar10", "--params", str(params), "--quiet", "--raw", str(raw)]
+        build = [*fetch, "--out", str(out)]
+        assert download.main(fetch) == 0
+        assert prepare_cli.main(build) == 0
         requests = len(server.requests)
-        assert download.main(["--dataset", "cifar10", "--params", str(params), "--quiet"]) == 0
+        assert download.main(fetch) == 0
         assert len(server.requests) == requests  # second run: no download
 
-    out = Path(section["out"])
     meta = json.loads((out / "meta.json").read_text())
     for split in ("train", "test"):
         images, labels = expected[split]
@@ -71,13 +71,13 @@ def test_cifar10_pipeline_scripts_end_to_end(tmp_path):
         np.testing.assert_array_equal(np.load(out / f"{split}_labels.npy"), labels)
         assert meta["splits"][split]["num"] == len(images)
     assert meta["name"] == "cifar10" and meta["source"]["url"] == section["url"]
-    assert meta["source"]["sha256"] == hashlib.sha256(Path(section["archive"]).read_bytes()).hexdigest()
+    assert meta["source"]["sha256"] == hashlib.sha256((raw / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
     assert (out / "sample_grid.png").stat().st_size > 0
     assert _no_temp_dirs(out.parent)
 
     # a second prepare with the same archive does nothing
     stamp = (out / "train_images.npy").stat().st_mtime_ns
-    assert prepare_cli.main(["--dataset", "cifar10", "--params", str(params), "--quiet"]) == 0
+    assert prepare_cli.main(build) == 0
     assert (out / "train_images.npy").stat().st_mtime_ns == stamp
 
     data = get_dataset("cifar10", "test", root=out)
@@ -94,10 +94,10 @@ def test_download_cli_reports_failure_with_exit_code(tmp_path, capsys):
     (www / "3dshapes.h5").write_bytes(b"not an h5 file at all")
     with serve(www) as server:
         params = tmp_path / "params.yaml"
-        section = {"url": url(server, "ok", "3dshapes.h5"), "md5": "0" * 32, "retries": 0,
-                   "archive": str(tmp_path / "raw" / "3dshapes.h5")}
+        section = {"url": url(server, "ok", "3dshapes.h5"), "md5": "0" * 32, "retries": 0}
         params.write_text(yaml.safe_dump({"data": {"shapes3d": section}}))
-        assert _script("download").main(["--dataset", "shapes3d", "--params", str(params), "--quiet"]) == 1
+        assert _script("download").main(["--dataset", "shapes3d", "--params", str(params), "--quiet",
+                                         "--raw", str(tmp_path / "raw")]) == 1
     err = capsys.readouterr().err
     assert "shapes3d" in err and section["url"] in err and "0" * 32 in err
     assert not (tmp_path / "raw" / "3dshapes.h5").exists()

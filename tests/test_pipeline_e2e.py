@@ -235,8 +235,8 @@ def test_fid_stages_with_a_local_weights_file(built, tmp_path):
     weights = save_random_fid_inception(tmp_path / "inception")
     stats = ws / "data/fid_stats/patches32/stats.npz"
     subprocess.run(
-        [sys.executable, "pipelines/fid_stats.py", "--dataset", "patches32", "--split", "train",
-         "--root", "data/prepared/patches32", "--out", str(stats), "--weights-path", str(weights),
+        [sys.executable, "-m", "pipelines.fid_stats", "--dataset", "patches32", "--split", "train",
+         "--data", "data/prepared/patches32", "--out", str(stats), "--weights-path", str(weights),
          "--batch-size", "8", "--max-images", "16"],
         cwd=ws, env=harness.env(ws), check=True, capture_output=True, text=True,
     )

@@ -36,48 +36,42 @@ def test_embedded_study_is_valid_and_expands_like_dvc(embedded):
     assert len(runs) == (3 + 2) * len(s.seeds)
     assert runs[0].stage_suffix == "patches32-sdn"  # one stage per model runs every seed
     # The run's seed drives the trainer and the VAE's weight init.
-    assert s.train_config("disentanglement", "dsprites_procedural", 2, "sdn").seed == 2
-    assert s.model_config("disentanglement", "dsprites_procedural", "sdn", 2).seed == 2
+    run = s.find_run("disentanglement", "dsprites_procedural", "sdn", 2)
+    assert s.train_config(run).seed == 2 and s.model_config(run).seed == 2
 
 
 def test_paper_study_is_valid_and_every_config_builds_on_meta():
-    from sdn.configs import build_model, count_parameters
-    from sdn.models.vanilla_vae import build_vanilla_vae
+    from sdn.configs import count_parameters
 
     s = validate(_load("params-paper.yaml"))
     assert s.datasets("density") == ["cifar10", "imagenet32", "celebahq256"]
     assert s.datasets("disentanglement") == ["shapes3d"]
-    assert s.section("density", "cifar10")["eval"]["iw_samples"] == 1024
-    assert s.params["fid"]["num_samples"] == 50_000
+    assert s.section(s.runs("density")[0]).eval.iw_samples == 1024
+    assert s.validated.fid.num_samples == 50_000
     counts = {}
     for run in s.runs():
         if run.seed != s.seeds[0]:
             continue
-        config = s.model_config(run.family, run.dataset, run.model, run.seed)
-        if run.family == "density":
-            model = build_model(config, run.model, device="meta")
-        else:
-            with torch.device("meta"):
-                model = build_vanilla_vae(config, run.model)
+        model = s.build_model(run, device="meta")
         assert all(p.device.type == "meta" for p in model.parameters())
         counts[(run.dataset, run.model)] = count_parameters(model)
     # The paper's SDN model is much larger than its CNN baseline; cnn_matched closes the gap (5%).
     assert counts[("cifar10", "sdn")] > 2 * counts[("cifar10", "cnn")]
     assert abs(counts[("cifar10", "cnn_matched")] / counts[("cifar10", "sdn")] - 1) < 0.05
-    tc = s.train_config("density", "cifar10", 0, "sdn")
+    tc = s.train_config(s.find_run("density", "cifar10", "sdn", 0))
     assert (tc.lr, tc.batch_size, tc.ema_decay) == (0.002, 256, 0.999)  # the paper's table
     # precision as the official scripts: --amp (fp16 + GradScaler) except CIFAR's CNN line and 3DShapes
-    precision = {(r.dataset, r.model): s.train_config(r.family, r.dataset, 0, r.model).precision for r in s.runs()}
+    precision = {(r.dataset, r.model): s.train_config(r).precision for r in s.runs()}
     assert precision[("cifar10", "sdn")] == "fp16" and precision[("cifar10", "cnn")] == "fp32"
     assert {precision[("imagenet32", m)] for m in ("sdn", "cnn")} == {"fp16"}
     assert {precision[("celebahq256", m)] for m in ("sdn", "cnn")} == {"fp16"}
     assert {precision[("shapes3d", m)] for m in ("sdn", "cnn")} == {"fp32"}
     # selection on a validation split held out of the training data, length in official epochs
     for dataset in s.datasets("density"):
-        cfg = s.train_config("density", dataset, 0, "sdn")
+        cfg = s.train_config(s.find_run("density", dataset, "sdn", 0))
         assert cfg.keep_best == "elbo_bpd" and cfg.eval_every and s.holdout(dataset)["size"] > 0
     assert tc.steps == -(-1000 * 50_000 // 256)  # 1,000 official epochs at the global batch 256
-    assert s.section("density", "cifar10")["samples"]["temperatures"] == [0.6, 0.7, 0.85, 1.0]
+    assert s.section(s.find_run("density", "cifar10", "sdn", 0)).samples.temperatures == [0.6, 0.7, 0.85, 1.0]
 
 
 def _bad(embedded: dict, edit) -> str:
@@ -114,17 +108,17 @@ def test_missing_keys_are_named(embedded):
 
 def test_type_errors_are_named(embedded):
     msg = _bad(embedded, lambda p: p["density"]["patches32"]["train"].update(lr="fast"))
-    assert "density.patches32.train.lr must be float" in msg
+    assert "density.patches32.train.lr" in msg and "'fast'" in msg
     msg = _bad(embedded, lambda p: p["density"]["patches32"]["train"].update(steps=True))
-    assert "density.patches32.train.steps must be int" in msg
+    assert "density.patches32.train.steps" in msg and "True" in msg
     msg = _bad(embedded, lambda p: p["density"]["patches32"]["overrides"].update(h_size=1.5))
-    assert "density.patches32.overrides.h_size must be int" in msg
+    assert "density.patches32.overrides.h_size" in msg and "1.5" in msg
     msg = _bad(embedded, lambda p: p["density"]["patches32"]["overrides"].update(width=3))
     assert "density.patches32.overrides" in msg and "width" in msg and "h_size" in msg
     msg = _bad(embedded, lambda p: p["study"].update(seeds=[0, "1"]))
     assert "study.seeds" in msg
     msg = _bad(embedded, lambda p: p["density"]["patches32"]["eval"].update(iw_samples=None))
-    assert "density.patches32.eval.iw_samples must be int" in msg
+    assert "density.patches32.eval.iw_samples" in msg and "None" in msg
     msg = _bad(embedded, lambda p: p["disentanglement"]["dsprites_procedural"]["metrics"].update(num_tran=5))
     assert "disentanglement.dsprites_procedural.metrics" in msg and "num_train" in msg
 
@@ -138,8 +132,8 @@ def test_consistency_rules(embedded):
     assert "density.patches32.train.seed" in msg and "study.seeds" in msg
     msg = _bad(embedded, lambda p: p["study"].update(seeds=[0, 0]))
     assert "study.seeds" in msg
-    msg = _bad(embedded, lambda p: p["data"]["patches32"].update(out="elsewhere"))
-    assert "data.patches32.out" in msg and "data/prepared/patches32" in msg
+    msg = _bad(embedded, lambda p: p["data"]["patches32"].update(out="elsewhere"))  # paths are dvc.yaml's
+    assert "data.patches32" in msg and "'out'" in msg and "options" in msg
     msg = _bad(embedded, lambda p: p["study"].update(launcher="torchrun --standalone --nproc_per_node=2"))
     assert "study.runs_at_once" in msg and "torchrun" in msg
     msg = _bad(embedded, lambda p: p["study"].update(runs_at_once=0))
@@ -147,7 +141,7 @@ def test_consistency_rules(embedded):
     msg = _bad(embedded, lambda p: p["study"].update(threads_per_run=0))
     assert "study.threads_per_run" in msg
     msg = _bad(embedded, lambda p: p["density"]["patches32"].update(tuned="lr"))
-    assert "density.patches32.tuned" in msg and "list of str" in msg
+    assert "density.patches32.tuned" in msg and "list" in msg
     # A value the config itself rejects is reported with the section it came from.
     msg = _bad(embedded, lambda p: p["density"]["patches32"]["models"]["sdn"].update(sdn_num_dirs=7))
     assert "density.patches32" in msg and "sdn_num_dirs" in msg
@@ -158,19 +152,19 @@ def test_train_stage_fails_before_training(embedded, tmp_path, monkeypatch):
     params = copy.deepcopy(embedded)
     params["density"]["patches32"]["train"]["lr"] = "fast"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    spec = importlib.util.spec_from_file_location("train_stage", ROOT / "pipelines" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("pipelines.train")
     called = []
     monkeypatch.setattr(module, "train", lambda *a, **k: called.append(1))
     monkeypatch.setattr(study_mod.Study, "dataset", lambda *a, **k: called.append(2))
+    dirs = [a for kind in ("models", "samples", "train-metrics", "curves") for a in (f"--{kind}", str(tmp_path / kind))]
     with pytest.raises(StudyError, match="density.patches32.train.lr"):
         module.main(["--family", "density", "--dataset", "patches32", "--model", "sdn", "--seed", "0",
-                     "--params", str(tmp_path / "params.yaml")])
+                     "--params", str(tmp_path / "params.yaml"), *dirs])
     assert called == []
     with pytest.raises(StudyError, match="not in the study"):
         module.main(["--family", "density", "--dataset", "patches32", "--model", "sdn", "--seed", "7",
-                     "--params", str(ROOT / "params.yaml")])
+                     "--params", str(ROOT / "params.yaml"), *dirs])
+    assert not any((tmp_path / kind).exists() for kind in ("models", "samples", "train-metrics", "curves"))
     assert called == []
 
 
@@ -190,15 +184,15 @@ def test_paper_dag_resolves(tmp_path):
                          capture_output=True, text=True).stdout
     stages = {line.split()[0] for line in out.splitlines() if line.strip()}
     s = validate(_load("params-paper.yaml"))
-    expected = {f"download@{d}" for d in s.params["study"]["downloads"]}
-    expected |= {f"prepare@{d}" for d in s.params["study"]["downloads"]}
+    expected = {f"download@{d}" for d in s.validated.study.downloads}
+    expected |= {f"prepare@{d}" for d in s.validated.study.downloads}
     expected |= {f"fid_stats@{d}" for d in s.datasets("density")}
     for run in s.runs():
         expected |= {f"train_{run.family}@{run.stage_suffix}", f"evaluate_{run.family}@{run.stage_suffix}"}
         if run.family == "density":
             expected.add(f"fid@{run.stage_suffix}")
     expected.add("report")
-    expected |= {f"download_fid_weights@{x}" for x in s.params["study"]["fid_downloads"]}
+    expected |= {f"download_fid_weights@{x}" for x in s.validated.study.fid_downloads}
     assert stages == expected
     dag = subprocess.run([str(dvc), "dag", "--dot"], cwd=tmp_path, check=True, env=env,
                          capture_output=True, text=True).stdout
@@ -237,9 +231,10 @@ def test_precision_is_per_model_over_the_dataset_default(embedded):
     params = copy.deepcopy(embedded)
     params["density"]["patches32"]["models"]["cnn"] = {"precision": "bf16"}
     s = validate(params)
-    assert s.train_config("density", "patches32", 0, "cnn").precision == "bf16"
-    assert s.train_config("density", "patches32", 0, "sdn").precision == "fp32"  # train.precision
-    assert s.model_config("density", "patches32", "cnn") == s.model_config("density", "patches32", "sdn").replace()
+    cnn, sdn = (s.find_run("density", "patches32", m, 0) for m in ("cnn", "sdn"))
+    assert s.train_config(cnn).precision == "bf16"
+    assert s.train_config(sdn).precision == "fp32"  # train.precision
+    assert s.model_config(cnn) == s.model_config(sdn)
     msg = _bad(embedded, lambda p: p["density"]["patches32"]["models"]["cnn"].update(precision="fp8"))
     assert "density.patches32.models.cnn.precision" in msg and "fp16" in msg
 
@@ -266,10 +261,9 @@ def test_holdout_split_replaces_train_and_validation_but_not_test(embedded):
     s = validate(params)
     full_train = get_dataset("patches32", "train", **options)
     keep, held = holdout_indices(len(full_train), 40, 5)
-    with pytest.MonkeyPatch.context() as mp:  # read in memory instead of the prepared folder
-        mp.setattr(study_mod.Study, "data_dir", staticmethod(lambda name: None))
-        train, validation, test = (s.dataset("patches32", k) for k in ("train", "validation", "test"))
-        own_validation = plain.dataset("patches32", "validation")
+    # no --data: built in memory
+    train, validation, test = (s.dataset("patches32", k) for k in ("train", "validation", "test"))
+    own_validation = plain.dataset("patches32", "validation")
     assert len(train) == len(full_train) - 40 and len(validation) == 40
     assert torch.equal(validation[3][0], full_train[held[3]][0]) and torch.equal(train[0][0], full_train[keep[0]][0])
     assert len(test) == len(get_dataset("patches32", "test", **options))  # the test split is untouched
@@ -282,6 +276,34 @@ def test_launcher_is_python_or_a_torchrun_command(embedded):
                      "--nproc_per_node=4 --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500"):
         params = copy.deepcopy(embedded)
         params["study"].update(launcher=launcher, runs_at_once=1)
-        assert validate(params).params["study"]["launcher"] == launcher
+        assert validate(params).validated.study.launcher == launcher
     msg = _bad(embedded, lambda p: p["study"].update(launcher="torchrn --nproc_per_node=2", runs_at_once=1))
     assert "study.launcher" in msg and "torchrn" in msg
+
+
+def test_exponent_numbers_are_numbers_and_unknown_keys_list_the_allowed_ones(tmp_path):
+    """PyYAML reads ``1e-3`` as a string; the study's loader reads it as the number it means."""
+    from pipelines.params import read_yaml
+
+    path = tmp_path / "p.yaml"
+    path.write_text("a: 1e-3\nb: 2E6\nc: 1.5e+2\nd: '1e6'\ne: 1e\n")
+    assert read_yaml(path) == {"a": 0.001, "b": 2e6, "c": 150.0, "d": "1e6", "e": "1e"}
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["density"]["patches32"]["trian"] = {}
+    with pytest.raises(StudyError) as info:
+        validate(raw)
+    assert str(info.value).startswith("density.patches32: unknown key 'trian'; allowed: ['config', 'eval',")
+
+
+def test_a_prepared_folder_built_with_other_options_is_refused_not_rewritten(tmp_path):
+    """``get_dataset`` only reads: asked for options the folder was not built with, it names both and
+    leaves the folder as it was (one stage must never rewrite another stage's output)."""
+    from sdn.data import get_dataset, prepare
+
+    small = {"num": 32, "seed": 0}
+    prepare("dsprites_procedural", tmp_path / "d", progress=False, **small)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "d").iterdir()}
+    assert len(get_dataset("dsprites_procedural", "train", root=tmp_path / "d", **small)) == 32
+    with pytest.raises(ValueError, match="prepared with options .*'num': 32.*not .*'num': 64"):
+        get_dataset("dsprites_procedural", "train", root=tmp_path / "d", num=64, seed=0)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "d").iterdir()} == before

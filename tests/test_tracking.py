@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sdn import tracking
+from pipelines import tracking
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,8 @@ def get_dataset(
     Embedded ones take builder options (patches32: patch_size, region, levels, validation_fraction,
     test_fraction, seed;
     dsprites_procedural / shapes3d_procedural: num, seed; ``num=None`` is the whole factor grid,
-    rendered on demand) and, with ``root``, are cached there.
+    rendered on demand) and, with ``root``, are read from there: the folder ``prepare`` built with
+    the same options (a ValueError names a folder built with others; nothing is written here).
     """
     info = _info(name, split)
     if not info.embedded:
@@ -98,7 +99,10 @@ def get_dataset(
     if options.get("num", 0) is None:  # the whole factor grid, rendered on demand
         return rendered_grid(name)
     if root is not None:
-        prepare(name, root, progress=False, **options)  # no-op when already built with these options
+        built_with = read_meta(root).get("options")
+        if built_with != options:
+            raise ValueError(f"{root} holds {name} prepared with options {built_with}, not {options}: "
+                             f"prepare it again with these options (sdn.data.prepare)")
         return _prepared(name, root, split)
     images, factors = _built(name, json.dumps(options, sort_keys=True))[split]
     return ArrayImages(images, factors)

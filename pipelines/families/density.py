@@ -1,0 +1,105 @@
+"""The density family: the hierarchical VAE with a registered decoder-block set (``baselines/``),
+scored by ELBO and importance-weighted bits/dim, with validation bpd on the training curve."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from typing_extensions import Annotated
+
+from pipelines.families import EVAL_SEED, Family
+from pipelines.schema import FamilySection, PositiveInt, Section
+
+
+
+class DensityEval(Section):
+    """``density.<dataset>.eval``: test scoring (K = ``iw_samples`` of the IW bound)."""
+
+    batch_size: PositiveInt
+    iw_samples: PositiveInt
+    max_examples: Optional[Annotated[int, Field(ge=1)]]
+
+
+class DensitySection(FamilySection):
+    """``density.<dataset>``."""
+
+    eval: DensityEval
+
+
+class Density(Family):
+    name = "density"
+    has_factors = False
+    section = DensitySection
+
+    def model_names(self) -> tuple[str, ...]:
+        from baselines import available_baselines
+
+        return tuple(available_baselines())
+
+    def presets(self) -> Mapping[str, Any]:
+        from sdn.configs import CONFIGS
+
+        return CONFIGS
+
+    def config_fields(self) -> tuple[str, ...]:
+        import dataclasses
+
+        from sdn.configs import HVAEConfig
+
+        return tuple(f.name for f in dataclasses.fields(HVAEConfig))
+
+    def model_config(self, preset: str, overrides: Mapping[str, Any]) -> Any:
+        from sdn.configs import get_config
+
+        return get_config(preset, **overrides)
+
+    def build(self, config: Any, model: str, device: Optional[str] = None) -> nn.Module:
+        from sdn.configs import build_model
+
+        return build_model(config, model, device=device)
+
+    def validation_fn(self, study, run):
+        """ELBO bits/dim of the whole validation split (one posterior sample per image; the trainer
+        fixes the seed), so the curve shows held-out progress and ``keep_best: elbo_bpd`` can select on it."""
+        from sdn.scores import evaluate_bpd
+
+        loader = DataLoader(study.dataset(run.dataset, "validation"),
+                            batch_size=study.section(run).eval.batch_size)
+
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            device = next(model.parameters()).device
+            scores = evaluate_bpd(model, loader, num_samples=1, seed=0, device=device, progress=False)
+            return {"elbo_bpd": float(scores["elbo_bpd"])}
+
+        return evaluate
+
+    def evaluate(self, study, run, model: nn.Module, device: Any) -> dict[str, Any]:
+        """ELBO and IW bits/dim of the test split (or its first ``max_examples`` images), and the ELBO
+        of as many training images (a fixed draw, no augmentation) for the train − test gap."""
+        from sdn.scores import evaluate_bpd
+
+        cfg = study.section(run).eval
+        test = study.dataset(run.dataset, "test")
+        if cfg.max_examples is not None and cfg.max_examples < len(test):
+            test = Subset(test, range(cfg.max_examples))
+        loader = DataLoader(test, batch_size=cfg.batch_size, shuffle=False)
+        scores = evaluate_bpd(model, loader, num_samples=cfg.iw_samples, seed=EVAL_SEED, device=device,
+                              progress=False)
+        train = study.dataset(run.dataset, "train")
+        picked = np.sort(np.random.default_rng(EVAL_SEED).choice(len(train), min(len(test), len(train)),
+                                                                 replace=False))
+        train_loader = DataLoader(Subset(train, picked.tolist()), batch_size=cfg.batch_size, shuffle=False)
+        train_scores = evaluate_bpd(model, train_loader, num_samples=1, seed=EVAL_SEED, device=device,
+                                    progress=False)
+        return {"elbo_bpd": float(scores["elbo_bpd"]), "iw_bpd": float(scores["iw_bpd"]),
+                "iw_samples": int(scores["num_samples"]), "num_examples": int(scores["num_images"]),
+                "train_elbo_bpd": float(train_scores["elbo_bpd"]),
+                "train_examples": int(train_scores["num_images"])}
+
+
+DENSITY = Density()
