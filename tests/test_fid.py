@@ -706,7 +706,7 @@ def test_fid_params_are_validated_naming_the_key():
 
 
 def test_report_fid_table_has_kid_and_reasons_instead_of_zero_seeds():
-    from sdn.reporting import _fid_rows
+    from pipelines.reporting.density import fid_rows as _fid_rows
 
     def rec(model, seed, fid):
         return {"family": "density", "dataset": "d", "model": model, "seed": seed, "fid": fid}

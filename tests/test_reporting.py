@@ -1,4 +1,4 @@
-"""Report statistics against scipy and hand computations; tables and figures on tiny records."""
+"""Report statistics against hand computations and scipy's test; tables and figures on tiny records."""
 
 from __future__ import annotations
 
@@ -11,24 +11,25 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from sdn import reporting
+from pipelines.reporting import figures, tables
+from pipelines.reporting import index as report
 
 
 def test_summarize_matches_statistics_module():
     values = [2.91, 2.87, 3.02, float("nan")]
-    s = reporting.summarize(values)
+    s = tables.summarize(values)
     assert s.n == 3
     assert s.mean == pytest.approx(statistics.mean(values[:3]), rel=1e-12)
     assert s.std == pytest.approx(statistics.stdev(values[:3]), rel=1e-12)
-    one = reporting.summarize([1.5])
+    one = tables.summarize([1.5])
     assert (one.mean, one.n) == (1.5, 1) and math.isnan(one.std)
-    assert reporting.summarize([]).n == 0
+    assert tables.summarize([]).n == 0
 
 
 def test_welch_hand_computed_case():
     # a = [1, 2, 3], b = [4, 6, 8]: s_a^2 = 1, s_b^2 = 4, se^2 = 1/3 + 4/3 = 5/3,
     # df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17, t = -4 / sqrt(5/3).
-    c = reporting.welch([1, 2, 3], [4, 6, 8])
+    c = tables.welch([1, 2, 3], [4, 6, 8])
     assert c.diff == pytest.approx(-4.0)
     assert c.df == pytest.approx(50 / 17)
     assert c.t == pytest.approx(-4 / math.sqrt(5 / 3))
@@ -40,11 +41,17 @@ def test_welch_hand_computed_case():
 def test_welch_matches_scipy_and_ci_inverts_the_test():
     rng = np.random.default_rng(0)
     a, b = rng.normal(2.9, 0.05, 5), rng.normal(3.0, 0.2, 4)
-    c = reporting.welch(a, b)
+    c = tables.welch(a, b)
     ref = stats.ttest_ind(a, b, equal_var=False)
     assert c.t == pytest.approx(ref.statistic, rel=1e-12)
     assert c.p_value == pytest.approx(ref.pvalue, rel=1e-12)
     assert c.diff == pytest.approx(a.mean() - b.mean(), rel=1e-12)
+    # The CI by the textbook formula: diff ± t_{0.975, ν} · se, Welch–Satterthwaite ν.
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert c.df == pytest.approx(df, rel=1e-12)
+    assert (c.ci_low, c.ci_high) == pytest.approx((c.diff - half, c.diff + half), rel=1e-12)
     # The 95% CI bounds are exactly the shifts at which Welch's test has p = 0.05.
     for bound in (c.ci_low, c.ci_high):
         assert stats.ttest_ind(a - bound, b, equal_var=False).pvalue == pytest.approx(0.05, rel=1e-8)
@@ -52,11 +59,13 @@ def test_welch_matches_scipy_and_ci_inverts_the_test():
 
 
 def test_welch_too_few_seeds_gives_nan_test_but_a_difference():
-    c = reporting.welch([1.0], [2.0, 3.0])
+    c = tables.welch([1.0], [2.0, 3.0])
     assert c.diff == pytest.approx(-1.5)
     assert math.isnan(c.p_value) and math.isnan(c.ci_low)
+    same = tables.welch([2.0, 2.0], [2.0, 2.0, 2.0])  # no spread: the CI is the difference itself
+    assert (same.diff, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0) and math.isnan(same.p_value)
     with pytest.raises(ValueError, match="confidence"):
-        reporting.welch([1, 2], [3, 4], confidence=1.5)
+        tables.welch([1, 2], [3, 4], confidence=1.5)
 
 
 def _records():
@@ -70,8 +79,8 @@ def _records():
 
 def test_metric_rows_and_paper_difference():
     paper = {"density": {"cifar10": {"sdn": {"iw_bpd": {"value": 2.87, "source": "paper T1", "verified": False}}}}}
-    rows = reporting.metric_rows(_records(), ["elbo_bpd", "iw_bpd"], "density", paper, paper_metric="iw_bpd")
-    by_model = {r["model"]: r for r in rows}
+    rows = tables.metric_rows(_records(), ["elbo_bpd", "iw_bpd"], "density", paper, paper_metric="iw_bpd")
+    by_model = {r["model"]: r for r in rows.to_dict("records")}
     sdn = by_model["sdn"]
     iw = [3.01, 2.98, 3.03]
     assert sdn["iw_bpd_mean"] == pytest.approx(np.mean(iw))
@@ -84,9 +93,9 @@ def test_metric_rows_and_paper_difference():
 
 
 def test_comparison_rows_are_candidate_minus_other():
-    rows = reporting.comparison_rows(_records(), ["iw_bpd"])
+    rows = tables.comparison_rows(_records(), ["iw_bpd"])
     assert len(rows) == 1
-    row = rows[0]
+    row = rows.iloc[0]
     a = [3.01, 2.98, 3.03]
     b = [3.21, 3.18, 3.23]
     assert row["comparison"] == "sdn − cnn"
@@ -95,30 +104,34 @@ def test_comparison_rows_are_candidate_minus_other():
 
 
 def test_markdown_and_csv(tmp_path):
-    rows = [{"model": "sdn", "x": 1.23456, "n": 3}, {"model": "c|nn", "x": float("nan"), "n": 1}]
-    md = reporting.markdown_table(rows, ["model", "x", "n"])
-    assert md.splitlines()[0] == "| model | x | n |"
-    assert "| sdn | 1.235 | 3 |" in md and "c\\|nn | n/a" in md
-    reporting.write_csv(rows, ["model", "x", "n"], tmp_path / "t.csv")
+    rows = [{"model": "sdn", "x": 1.23456, "n": 3, "p": 12_345_678}, {"model": "c|nn", "x": float("nan"), "n": 1}]
+    md = tables.markdown_table(rows, ["model", "x", "n", "p"], ["model", "x", "seeds", "params"])
+    assert md.splitlines()[:2] == ["| model | x | seeds | params |", "|---|---|---|---|"]
+    assert "| sdn | 1.235 | 3 | 12,345,678 |" in md and "| c\\|nn | n/a | 1 | n/a |" in md
+    tables.write_csv(rows, ["model", "x", "n", "p", "absent"], tmp_path / "t.csv")
+    text = (tmp_path / "t.csv").read_text()
+    assert text.splitlines()[:2] == ["model,x,n,p,absent", "sdn,1.23456,3,12345678,"]  # integers stay whole
     with (tmp_path / "t.csv").open() as handle:
         back = list(csv.DictReader(handle))
-    assert back[0] == {"model": "sdn", "x": "1.23456", "n": "3"}
-    assert back[1]["x"] == ""
+    assert back[1] == {"model": "c|nn", "x": "", "n": "1", "p": "", "absent": ""}
+    tables.write_csv([], ["a", "b"], tmp_path / "empty.csv")
+    assert (tmp_path / "empty.csv").read_text() == "a,b\n"
 
 
 def test_figures_are_pngs(tmp_path):
     steps = np.arange(0, 50, 10)
     curves = {"sdn": [(steps, 5 - 0.01 * steps), (steps, 5.1 - 0.01 * steps)], "cnn": [(steps, 6 - 0.01 * steps)]}
-    reporting.plot_curves(curves, tmp_path / "c.png", "curves")
-    rows = reporting.metric_rows(_records(), ["elbo_bpd", "iw_bpd"], "density", {})
-    reporting.plot_bars(rows, ["elbo_bpd", "iw_bpd"], tmp_path / "b.png", "bars")
+    figures.plot_curves(curves, tmp_path / "c.png", "curves")
+    rows = tables.metric_rows(_records(), ["elbo_bpd", "iw_bpd"], "density", {})
+    figures.plot_bars(rows, ["elbo_bpd", "iw_bpd"], tmp_path / "b.png", "bars")
     for name in ("c.png", "b.png"):
         with Image.open(tmp_path / name) as img:
             assert img.format == "PNG" and img.size[0] > 100
 
 
-def test_build_report_from_metrics_files(tmp_path, monkeypatch):
+def test_build_report_from_metrics_files(tmp_path):
     """The report of a study whose metrics files hold hand-picked numbers (no training)."""
+    import dataclasses
     import json as _json
     from pathlib import Path
 
@@ -130,10 +143,10 @@ def test_build_report_from_metrics_files(tmp_path, monkeypatch):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["study"]["seeds"] = [0, 1, 2]
     study = validate(params)
-    monkeypatch.chdir(tmp_path)
     iw = {"sdn": [3.10, 3.05, 3.12], "cnn": [3.30, 3.28, 3.41], "cnn_matched": [3.20, 3.22, 3.19]}
     for run in study.runs():
         paths = study.paths(run)
+        paths = type(paths)(*(tmp_path / p for p in dataclasses.astuple(paths)))  # under the workspace root
         for p in (paths.train_metrics, paths.eval_metrics, paths.curve, paths.fid_metrics):
             p.parent.mkdir(parents=True, exist_ok=True)
         paths.train_metrics.write_text(_json.dumps({"num_params": 1000 + len(run.model)}))
@@ -147,7 +160,7 @@ def test_build_report_from_metrics_files(tmp_path, monkeypatch):
             score = 0.5 + 0.1 * (run.model == "sdn") + 0.01 * run.seed
             paths.eval_metrics.write_text(_json.dumps({"mig.discrete_mig": score, "settings.num_train": 10.0}))
     paper = {"density": {"patches32": {"sdn": {"iw_bpd": {"value": 3.0, "source": "test", "verified": True}}}}}
-    reporting.build_report(study, paper, tmp_path / "reports")
+    report.build_report(params, paper, tmp_path / "reports", root=tmp_path)
     with (tmp_path / "reports" / "density.csv").open() as handle:
         rows = {r["model"]: r for r in csv.DictReader(handle)}
     assert float(rows["sdn"]["iw_bpd_mean"]) == pytest.approx(np.mean(iw["sdn"]), rel=1e-5)
@@ -174,13 +187,38 @@ def test_small_sample_grids_are_enlarged_pixel_for_pixel(tmp_path):
     a wide one is copied unchanged; missing seeds are skipped."""
     small = np.random.default_rng(0).integers(0, 256, (5, 10, 3), dtype=np.uint8)
     Image.fromarray(small).save(tmp_path / "small.png")
-    assert reporting._samples_mosaic([tmp_path / "missing.png", tmp_path / "small.png"], tmp_path / "out.png")
+    assert figures.copy_grid([tmp_path / "missing.png", tmp_path / "small.png"], tmp_path / "out.png")
     out = np.asarray(Image.open(tmp_path / "out.png"))
-    factor = -(-reporting.MIN_FIGURE_WIDTH // 10)
+    factor = -(-figures.MIN_FIGURE_WIDTH // 10)
     assert out.shape == (5 * factor, 10 * factor, 3)
     np.testing.assert_array_equal(out, small.repeat(factor, axis=0).repeat(factor, axis=1))
-    wide = np.zeros((4, reporting.MIN_FIGURE_WIDTH + 1, 3), dtype=np.uint8)
+    wide = np.zeros((4, figures.MIN_FIGURE_WIDTH + 1, 3), dtype=np.uint8)
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    reporting._samples_mosaic([tmp_path / "wide.png"], tmp_path / "wide_out.png")
+    figures.copy_grid([tmp_path / "wide.png"], tmp_path / "wide_out.png")
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "wide_out.png")), wide)
-    assert not reporting._samples_mosaic([tmp_path / "missing.png"], tmp_path / "none.png")
+    assert not figures.copy_grid([tmp_path / "missing.png"], tmp_path / "none.png")
+
+
+def test_one_report_module_per_family_of_the_study():
+    from pipelines.study import FAMILIES
+
+    assert tuple(report.FAMILIES) == FAMILIES  # the report's sections follow the study's family order
+
+
+def test_package_versions_cover_the_union_of_lists():
+    from importlib import metadata
+
+    from pipelines.provenance import PACKAGES, package_versions
+
+    versions = package_versions()
+    assert list(versions) == ["python", *PACKAGES] and len(set(PACKAGES)) == len(PACKAGES)
+    assert versions["scipy"] == metadata.version("scipy") and "torch-fidelity" in versions
+
+
+def test_the_library_imports_no_study_layer():
+    import re
+    from pathlib import Path
+
+    sdn = Path(__file__).resolve().parents[1] / "sdn"
+    importing = [p for p in sdn.rglob("*.py") if re.search(r"^\s*(from|import)\s+pipelines\b", p.read_text(), re.M)]
+    assert not importing
