@@ -257,6 +257,17 @@ class Study:
         }
 
 
+def results_paths(results: Path, run: Run) -> RunPaths:
+    """The files of ``run`` under a study's results folder, as dvc.yaml lays the stages' outputs out
+    (``<results>/<kind>/<dataset>/<model>/``; tests/test_study_params.py checks it against dvc.yaml)."""
+    def under(*kind: str) -> Path:
+        return Path(results, *kind, run.dataset, run.model)
+
+    return RunPaths(StageDirs(models=under("models"), samples=under("samples"),
+                              train_metrics=under("metrics", "train"), curves=under("curves"),
+                              eval_metrics=under("metrics", "eval"), fid_metrics=under("metrics", "fid")), run.seed)
+
+
 def validate(raw: Mapping[str, Any]) -> Study:
     """The Study of a params mapping (StudyError naming the first bad key)."""
     return Study(validate_params(raw))

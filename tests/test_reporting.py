@@ -131,13 +131,12 @@ def test_figures_are_pngs(tmp_path):
 
 def test_build_report_from_metrics_files(tmp_path):
     """The report of a study whose metrics files hold hand-picked numbers (no training)."""
-    import dataclasses
     import json as _json
     from pathlib import Path
 
     import yaml
 
-    from pipelines.study import validate
+    from pipelines.study import results_paths, validate
 
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -145,8 +144,7 @@ def test_build_report_from_metrics_files(tmp_path):
     study = validate(params)
     iw = {"sdn": [3.10, 3.05, 3.12], "cnn": [3.30, 3.28, 3.41], "cnn_matched": [3.20, 3.22, 3.19]}
     for run in study.runs():
-        paths = study.paths(run)
-        paths = type(paths)(*(tmp_path / p for p in dataclasses.astuple(paths)))  # under the workspace root
+        paths = results_paths(tmp_path / "results", run)
         for p in (paths.train_metrics, paths.eval_metrics, paths.curve, paths.fid_metrics):
             p.parent.mkdir(parents=True, exist_ok=True)
         paths.train_metrics.write_text(_json.dumps({"num_params": 1000 + len(run.model)}))
@@ -160,7 +158,7 @@ def test_build_report_from_metrics_files(tmp_path):
             score = 0.5 + 0.1 * (run.model == "sdn") + 0.01 * run.seed
             paths.eval_metrics.write_text(_json.dumps({"mig.discrete_mig": score, "settings.num_train": 10.0}))
     paper = {"density": {"patches32": {"sdn": {"iw_bpd": {"value": 3.0, "source": "test", "verified": True}}}}}
-    report.build_report(params, paper, tmp_path / "reports", root=tmp_path)
+    report.build_report(params, paper, tmp_path / "reports", tmp_path / "results")
     with (tmp_path / "reports" / "density.csv").open() as handle:
         rows = {r["model"]: r for r in csv.DictReader(handle)}
     assert float(rows["sdn"]["iw_bpd_mean"]) == pytest.approx(np.mean(iw["sdn"]), rel=1e-5)
@@ -199,10 +197,13 @@ def test_small_sample_grids_are_enlarged_pixel_for_pixel(tmp_path):
     assert not figures.copy_grid([tmp_path / "missing.png"], tmp_path / "none.png")
 
 
-def test_one_report_module_per_family_of_the_study():
-    from pipelines.study import FAMILIES
+def test_every_family_brings_its_report():
+    from pipelines.families import families
+    from pipelines.reporting import FamilyReport, density, disentanglement
 
-    assert tuple(report.FAMILIES) == FAMILIES  # the report's sections follow the study's family order
+    assert {name: family.report for name, family in families().items()} == {
+        "density": density.REPORT, "disentanglement": disentanglement.REPORT}
+    assert all(isinstance(family.report, FamilyReport) for family in families().values())
 
 
 def test_package_versions_cover_the_union_of_lists():

@@ -307,3 +307,27 @@ def test_a_prepared_folder_built_with_other_options_is_refused_not_rewritten(tmp
     with pytest.raises(ValueError, match="prepared with options .*'num': 32.*not .*'num': 64"):
         get_dataset("dsprites_procedural", "train", root=tmp_path / "d", num=64, seed=0)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "d").iterdir()} == before
+
+
+def test_the_report_reads_the_runs_where_dvc_yaml_puts_them(embedded):
+    """dvc.yaml names every stage's folders; the report finds each run's files under the study's
+    results folder with ``results_paths``, which must be the same layout."""
+    from pipelines.study import results_paths
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    s = validate(embedded)
+    for run in s.runs():
+        paths = results_paths(Path("results") / s.name, run)
+
+        def declared(stage: str, kind: str) -> set[Path]:
+            entries = stages[f"{stage}_{run.family}" if stage != "fid" else "fid"].get(kind, [])
+            names = [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+            return {Path(n.replace("${study.name}", s.name).replace("${item.dataset}", run.dataset)
+                         .replace("${item.model}", run.model)) for n in names}
+
+        assert {paths.dirs.models, paths.dirs.samples} == declared("train", "outs")
+        assert declared("train", "metrics") == {paths.dirs.train_metrics}
+        assert declared("train", "plots") == {paths.dirs.curves}
+        assert declared("evaluate", "metrics") == {paths.dirs.eval_metrics}
+        if run.family == "density":
+            assert declared("fid", "metrics") == {paths.dirs.fid_metrics}

@@ -16,6 +16,7 @@ from torch import nn
 EVAL_SEED = 0  # every model is scored with the same seed (disentanglement_lib does the same)
 
 if TYPE_CHECKING:
+    from pipelines.reporting import FamilyReport
     from pipelines.study import Run, RunPaths, Study
 
 
@@ -25,6 +26,7 @@ class Family:
     name: str
     has_factors: bool  # factor datasets (disentanglement) or plain image datasets (density)
     section: type[BaseModel]  # the params section ``<family>.<dataset>``
+    report: "FamilyReport"  # its tables, figures, claims and run checks in the study report
 
     def model_names(self) -> tuple[str, ...]:
         """The model names the study may list under ``study.<family>.models``."""

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import Annotated
 
 from pipelines.families import EVAL_SEED, Family
+from pipelines.reporting.density import REPORT
 from pipelines.schema import FamilySection, PositiveInt, Section
 
 
@@ -34,6 +35,7 @@ class DensitySection(FamilySection):
 class Density(Family):
     name = "density"
     has_factors = False
+    report = REPORT
     section = DensitySection
 
     def model_names(self) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from torch import nn
 from typing_extensions import Annotated
 
 from pipelines.families import EVAL_SEED, Family
+from pipelines.reporting.disentanglement import REPORT
 from pipelines.schema import FamilySection, PositiveInt, Section
 
 DECODERS = ("cnn", "sdn")  # the vanilla VAE's decoder kinds
@@ -40,6 +41,7 @@ class DisentanglementSection(FamilySection):
 class Disentanglement(Family):
     name = "disentanglement"
     has_factors = True
+    report = REPORT
     section = DisentanglementSection
 
     def model_names(self) -> tuple[str, ...]:

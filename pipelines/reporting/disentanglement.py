@@ -37,7 +37,7 @@ def claims(records: Records) -> list[Claim]:
 
 def num_factors(study: Any) -> dict[str, int]:
     """Ground-truth factor count of each dataset (the classifiers' chance level is 1 / count)."""
-    return {d: len(study.ground_truth(d).factors_num_values) for d in study.params["study"]["disentanglement"]["datasets"]}
+    return {d: len(study.ground_truth(d).factors_num_values) for d in study.datasets("disentanglement")}
 
 
 def run_checks(records: Records) -> list[dict[str, Any]]:

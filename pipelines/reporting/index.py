@@ -1,10 +1,8 @@
 """``build_report``: every table and figure of a study and ``index.md``, the page that opens them.
 
 Input: the validated params (params.yaml's layout), the paper's values, the output folder and the
-workspace whose ``results/<study>/`` holds the runs' metrics, curves and sample grids. Of the
-``Study`` built from the params it uses ``runs()``, ``paths(run)`` (the results layout),
-``train_config(...)`` (steps, batch and lr with the model configs' defaults), ``experiment`` and,
-for the disentanglement datasets, ``ground_truth(dataset)``.
+study's results folder (dvc.yaml's ``results/<study>``) that holds the runs' metrics, curves and
+sample grids. Each family's part comes from its ``FamilyReport`` (``pipelines.families``).
 """
 
 from __future__ import annotations
@@ -14,13 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from pipelines.families import families
 from pipelines.provenance import package_versions
-from pipelines.reporting import FamilyReport, Records, density, disentanglement
+from pipelines.reporting import Records
 from pipelines.reporting.claims import claims_section
 from pipelines.reporting.figures import copy_grid
-from pipelines.study import validate
+from pipelines.study import Study, results_paths, validate
 
-FAMILIES: dict[str, FamilyReport] = {"density": density.REPORT, "disentanglement": disentanglement.REPORT}
 PAPER_FID_SAMPLES = 50_000
 
 
@@ -28,18 +26,19 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def collect_records(study: Any, root: Path = Path(".")) -> list[dict[str, Any]]:
-    """One record per run of the study from its DVC metrics files (missing files: empty metrics)."""
+def collect_records(study: Study, results: Path) -> list[dict[str, Any]]:
+    """One record per run of the study from its DVC metrics files under ``results`` (missing files:
+    empty metrics)."""
     records = []
     for run in study.runs():
-        paths = study.paths(run)
-        train = _read_json(root / paths.train_metrics) or {}
-        metrics = {k: v for k, v in (_read_json(root / paths.eval_metrics) or {}).items() if not k.startswith("settings.")}
+        paths = results_paths(results, run)
+        train = _read_json(paths.train_metrics) or {}
+        metrics = {k: v for k, v in (_read_json(paths.eval_metrics) or {}).items() if not k.startswith("settings.")}
         records.append({
             "family": run.family, "dataset": run.dataset, "model": run.model, "seed": run.seed,
             "num_params": train.get("num_params"), "train": train, "metrics": metrics,
-            "fid": _read_json(root / paths.fid_metrics), "curve": root / paths.curve,
-            "samples": root / paths.samples, "reconstructions": root / paths.reconstructions,
+            "fid": _read_json(paths.fid_metrics), "curve": paths.curve,
+            "samples": paths.samples, "reconstructions": paths.reconstructions,
         })
     return records
 
@@ -47,7 +46,7 @@ def collect_records(study: Any, root: Path = Path(".")) -> list[dict[str, Any]]:
 def _samples(records: Records, params: Mapping[str, Any], figures: Path) -> list[str]:
     """The lowest seed's sample grids (each temperature) and reconstructions of every model."""
     index = ["## Samples (lowest seed of each model)\n"]
-    for family in FAMILIES:
+    for family in families():
         for dataset in params["study"][family]["datasets"]:
             cfg = params[family][dataset]["samples"]
             for model in params["study"][family]["models"]:
@@ -67,25 +66,25 @@ def _samples(records: Records, params: Mapping[str, Any], figures: Path) -> list
     return index
 
 
-def _configuration(study: Any, params: Mapping[str, Any], root: Path) -> list[str]:
+def _configuration(study: Study, params: Mapping[str, Any]) -> list[str]:
     """What the study ran: seeds, per-dataset configs and budgets, FID, what was tuned, versions."""
     s = params["study"]
     index = ["## Configuration\n",
              f"- study `{s['name']}`, seeds {list(s['seeds'])} ({s['runs_at_once']} at a time, "
              f"{s['threads_per_run'] or 'default'} thread(s) each), MLflow experiment `{study.experiment}`"]
-    for family in FAMILIES:
+    for family in families():
         models = list(s[family]["models"])
         for dataset in s[family]["datasets"]:
-            train = study.train_config(family, dataset, s["seeds"][0], models[0])
+            train = study.train_config(study.find_run(family, dataset, models[0], s["seeds"][0]))
             index.append(f"- {family} `{dataset}`: config `{params[family][dataset]['config']}`, models {models}, "
                          f"{train.steps} steps, global batch {train.batch_size}, lr {train.lr} ({train.lr_schedule})")
     fid, kid = params["fid"], params["fid"].get("kid") or {}
-    weights = (f"`{fid['weights_path']}`" + ("" if (root / fid["weights_path"]).is_file() else " (not present: FID n/a)")
+    weights = (f"`{fid['weights_path']}`" + ("" if Path(fid["weights_path"]).is_file() else " (not present: FID n/a)")
                if fid["weights_path"] else "none (FID n/a)")
     index.append(f"- FID and KID: {fid['num_samples']} samples, weights {weights}"
                  + (f"; KID {kid['subsets']} subsets of {kid['subset_size']}, {kid['reference_features']} "
                     f"reference features (seed {kid['seed']})" if kid else "") + "\n")
-    tuned = [f"- {family} `{dataset}`: {line}" for family in FAMILIES for dataset in s[family]["datasets"]
+    tuned = [f"- {family} `{dataset}`: {line}" for family in families() for dataset in s[family]["datasets"]
              for line in params[family][dataset].get("tuned", [])]
     if tuned:
         index += ["## Chosen before this run, never on test data\n", *tuned, ""]
@@ -95,27 +94,29 @@ def _configuration(study: Any, params: Mapping[str, Any], root: Path) -> list[st
 
 def reductions(params: Mapping[str, Any]) -> list[str]:
     """What this study changes from the paper's protocol, one sentence each (empty: the paper's)."""
-    out = [line for family in FAMILIES.values() for line in family.reductions(params)]
+    out = [line for family in families().values() for line in family.report.reductions(params)]
     if params["fid"]["num_samples"] < PAPER_FID_SAMPLES:
         out.append(f"FID from {params['fid']['num_samples']} samples (paper convention: {PAPER_FID_SAMPLES})")
     return out
 
 
-def build_report(params: Mapping[str, Any], paper: Mapping[str, Any], out_dir: Path, root: Path = Path("."),
+def build_report(params: Mapping[str, Any], paper: Mapping[str, Any], out_dir: Path, results: Path,
                  confidence: float = 0.95) -> list[Path]:
-    """Write tables (md + csv), figures (PNG) and ``index.md`` of the study; return the files in ``out_dir``."""
-    study, out_dir, root = validate(params), Path(out_dir), Path(root)
+    """Write tables (md + csv), figures (PNG) and ``index.md`` of the study whose runs are under
+    ``results``; return the files in ``out_dir``."""
+    study, out_dir = validate(params), Path(out_dir)
+    reports = {name: family.report for name, family in families().items()}
     figures = out_dir / "figures"
     shutil.rmtree(figures, ignore_errors=True)
     figures.mkdir(parents=True)
-    records = collect_records(study, root)
-    factors = {d: n for family in FAMILIES.values() for d, n in family.num_factors(study).items()}
+    records = collect_records(study, Path(results))
+    factors = {d: n for family in reports.values() for d, n in family.num_factors(study).items()}
     index = [f"# SDN study `{params['study']['name']}`: results\n",
              "Generated by `pipelines/report.py` from the DVC metrics files; do not edit.\n",
-             *claims_section(records, FAMILIES, factors, confidence, out_dir)]
-    for name, family in FAMILIES.items():
+             *claims_section(records, reports, factors, confidence, out_dir)]
+    for name, family in reports.items():
         index += family.section([r for r in records if r["family"] == name], params, paper, confidence, out_dir)
-    index += _samples(records, params, figures) + _configuration(study, params, root)
+    index += _samples(records, params, figures) + _configuration(study, params)
     index += ["\n## Reduced from the paper\n", *(f"- {r}" for r in reductions(params) or ["nothing: the paper's protocol"]),
               "\nPaper values come from `reports/paper_results.yaml` (source and verified flag per value).\n"]
     (out_dir / "index.md").write_text("\n".join(index) + "\n")
