@@ -5,9 +5,9 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-# The union of what the MLflow tags and the report recorded (tracking's list plus torch-fidelity), in
-# the report's order, so the report's "Versions" section is unchanged.
-PACKAGES = ("sdn-repro", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "mlflow", "dvc", "torch-fidelity")
+# Everything that computes a number of the study: training and scoring, FID/KID, the report's tables.
+PACKAGES = ("sdn-repro", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "mlflow", "dvc", "torch-fidelity",
+            "pandas")
 
 
 def package_versions() -> dict[str, str]:

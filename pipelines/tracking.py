@@ -14,9 +14,8 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 # Set before mlflow is imported anywhere: no telemetry, no background job workers.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -26,6 +25,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from pipelines.provenance import package_versions  # noqa: E402
 from sdn.callbacks import Callback  # noqa: E402
 
 ROOT_ENV = "SDN_REPO_ROOT"
@@ -35,7 +35,6 @@ ARTIFACT_DIR = "mlartifacts"
 KEY_TAGS = ("dataset", "model", "seed")
 CURRENT_TAG = "current"
 _DVC_EXPS = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
-_VERSIONED_PACKAGES = ("sdn-repro", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "mlflow", "dvc")
 
 
 def resolve_repo_root(start: Optional[Path] = None) -> Path:
@@ -105,17 +104,6 @@ def git_commit(root: Path) -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "none"
-
-
-def package_versions(packages: Iterable[str] = _VERSIONED_PACKAGES) -> dict[str, str]:
-    """Installed versions of the packages that determine results (``"absent"`` if missing)."""
-    versions = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
 
 
 @dataclass(frozen=True)
