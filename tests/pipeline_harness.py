@@ -26,8 +26,7 @@ TOY_BASELINE = '''"""``toy``: a throw-away baseline for the add-a-baseline test 
 
 from torch import nn
 
-from baselines import register_baseline
-from sdn.models.blocks import check_block_request, plain_conv
+from sdn.models.blocks import check_block_request, plain_conv, register_blocks
 
 
 class ToyBlockFactory:
@@ -36,7 +35,7 @@ class ToyBlockFactory:
         return plain_conv(in_ch, out_ch, True) if upsample else nn.Conv2d(in_ch, out_ch, 1)
 
 
-@register_baseline("toy")
+@register_blocks("toy")
 def build_toy(config):
     return ToyBlockFactory()
 '''

@@ -41,7 +41,9 @@ def test_embedded_study_is_valid_and_expands_like_dvc(embedded):
 
 
 def test_paper_study_is_valid_and_every_config_builds_on_meta():
-    from sdn.configs import build_model, count_parameters
+    import baselines  # noqa: F401  (registers the decoder blocks)
+    from sdn.models import count_parameters
+    from sdn.models.hvae import build_hvae
     from sdn.models.vanilla_vae import build_vanilla_vae
 
     s = validate(_load("params-paper.yaml"))
@@ -55,7 +57,7 @@ def test_paper_study_is_valid_and_every_config_builds_on_meta():
             continue
         config = s.model_config(run.family, run.dataset, run.model, run.seed)
         if run.family == "density":
-            model = build_model(config, run.model, device="meta")
+            model = build_hvae(config, run.model, device="meta")
         else:
             with torch.device("meta"):
                 model = build_vanilla_vae(config, run.model)
