@@ -1,54 +1,36 @@
-"""Registry of top-down block factories: every density-model variant is a name here.
+"""The study's density-model variants: one module per variant, each registering its decoder blocks
+into the library's registry (``sdn.models.blocks.register_blocks``) under its own file name.
 
-A registered *builder* takes an ``HVAEConfig`` and returns a fresh block factory
-(``sdn.models.blocks.BlockFactory``) for one model. Every module in this package is imported on
-first use, so a new baseline is one file that decorates its builder with ``@register_baseline``
-(see ``docs/baselines.md``).
+Importing this package imports every module in it, so ``import baselines`` makes all variants
+buildable with ``sdn.models.hvae.build_hvae(config, name)``; a new baseline is one file
+``baselines/<name>.py`` registering ``<name>`` (docs/baselines.md). The file name must equal the
+registered name: the study's stages depend on ``baselines/<model>.py`` (dvc.yaml).
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable
 
-BASELINES: dict[str, Callable] = {}
-_loaded = False
+from sdn.models.blocks import block_builder, registered_blocks
 
 
-def register_baseline(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: register ``builder(config) -> block factory`` under ``name`` (names are unique)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"baseline name must be a non-empty string, got {name!r}")
-
-    def decorate(builder: Callable) -> Callable:
-        if name in BASELINES and BASELINES[name] is not builder:
-            raise ValueError(f"baseline {name!r} is already registered by {BASELINES[name].__module__}")
-        BASELINES[name] = builder
-        return builder
-
-    return decorate
-
-
-def load_all() -> None:
-    """Import every module of this package so that each registers itself (idempotent)."""
-    global _loaded
-    if _loaded:
-        return
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-    _loaded = True
+def _import_all() -> list[str]:
+    """Import every module of this package and check that each registers only its own file name."""
+    names = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        registered = [n for n in registered_blocks() if block_builder(n).__module__ == module.__name__]
+        wrong = [n for n in registered if n != info.name]
+        if wrong:
+            raise ImportError(
+                f"baselines/{info.name}.py registers decoder blocks {wrong}, but a baseline's file must be named "
+                f"after the name it registers (dvc.yaml depends on baselines/<model>.py): rename the file to "
+                f"baselines/{wrong[0]}.py or register it as {info.name!r}"
+                + (" (one name per file)" if len(registered) > 1 else "")
+            )
+        names += registered
+    return names
 
 
-def available_baselines() -> list[str]:
-    """Sorted names of all registered baselines."""
-    load_all()
-    return sorted(BASELINES)
-
-
-def get_block_factory(name: str) -> Callable:
-    """The builder registered as ``name``: call it with an ``HVAEConfig`` to get a block factory."""
-    load_all()
-    if name not in BASELINES:
-        raise ValueError(f"unknown model/baseline {name!r}; expected one of {sorted(BASELINES)}")
-    return BASELINES[name]
+NAMES: tuple[str, ...] = tuple(_import_all())  # the variants registered by this package

@@ -5,12 +5,11 @@ Like the paper's baseline it is *not* parameter-matched; see ``cnn_matched`` for
 
 from __future__ import annotations
 
-from baselines import register_baseline
-from sdn.configs import HVAEConfig
-from sdn.models.blocks import ConvBlockFactory
+from sdn.models.blocks import ConvBlockFactory, register_blocks
+from sdn.models.hvae import HVAEConfig
 
 
-@register_baseline("cnn")
+@register_blocks("cnn")
 def build_cnn(config: HVAEConfig) -> ConvBlockFactory:
     """Every top-down block is one (transposed) convolution."""
     return ConvBlockFactory()

@@ -13,17 +13,15 @@ import functools
 
 import torch
 
-from baselines import register_baseline
 from baselines.sdn import sdn_factory_for
-from sdn.configs import HVAEConfig, count_parameters
-from sdn.models.blocks import HiddenConvBlockFactory
+from sdn.models import count_parameters
+from sdn.models.blocks import HiddenConvBlockFactory, register_blocks
+from sdn.models.hvae import HierarchicalVAE, HVAEConfig
 
 TOLERANCE = 0.05  # relative parameter-count mismatch allowed
 
 
 def _count(config: HVAEConfig, factory) -> int:
-    from sdn.models.hvae import HierarchicalVAE
-
     with torch.device("meta"):
         return count_parameters(HierarchicalVAE(config, factory))
 
@@ -47,7 +45,7 @@ def matched_width(config: HVAEConfig) -> int:
     return width
 
 
-@register_baseline("cnn_matched")
+@register_blocks("cnn_matched")
 def build_cnn_matched(config: HVAEConfig) -> HiddenConvBlockFactory:
     """Conv decoder with the SDN blocks replaced by parameter-matched two-conv blocks."""
     return HiddenConvBlockFactory(sdn_factory_for(config), matched_width(config))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from baselines import register_baseline
-from sdn.configs import HVAEConfig
-from sdn.models.blocks import SDNBlockFactory
+from sdn.models.blocks import SDNBlockFactory, register_blocks
+from sdn.models.hvae import HVAEConfig
 
 
 def sdn_factory_for(config: HVAEConfig) -> SDNBlockFactory:
@@ -19,7 +18,7 @@ def sdn_factory_for(config: HVAEConfig) -> SDNBlockFactory:
     )
 
 
-@register_baseline("sdn")
+@register_blocks("sdn")
 def build_sdn(config: HVAEConfig) -> SDNBlockFactory:
     """Block factory of the SDN model."""
     return sdn_factory_for(config)

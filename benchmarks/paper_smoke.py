@@ -19,7 +19,7 @@ group and the trainer wrap the model in DistributedDataParallel (see :func:`one_
 timed step includes DDP's gradient all-reduce hooks and the trainer's rank reductions, as on 8 GPUs.
 
 On CPU (``--tiny``, the default there) the same code runs on tiny versions of every config (the
-architecture fields of ``sdn.configs`` "tiny", a narrow SDN for the VAE, per-GPU batch 2); the test
+architecture fields of ``sdn.models.hvae`` preset "tiny", a narrow SDN for the VAE, per-GPU batch 2); the test
 suite runs it (tests/test_paper_smoke.py). Its timings and estimates say nothing about the paper.
 
     python benchmarks/paper_smoke.py --device cuda --json paper_smoke.json   # full size, on a GPU
@@ -50,18 +50,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_step import _peak_rss_mib  # noqa: E402
-from pipelines.study import FAMILIES, Run, Study, load_study, validate  # noqa: E402
+from pipelines.families import families  # noqa: E402
+from pipelines.study import Run, Study, load_study, validate  # noqa: E402
 from sdn import training  # noqa: E402
 from sdn.callbacks import Callback  # noqa: E402
-from sdn.configs import CONFIGS  # noqa: E402
 from sdn.distributed import resolve_device  # noqa: E402
+from sdn.models.hvae import PRESETS as HVAE_PRESETS  # noqa: E402
 from sdn.models.vanilla_vae import IMAGE_SIZE as VAE_IMAGE_SIZE  # noqa: E402
 from sdn.seeding import seed_everything  # noqa: E402
 
 DEFAULT_PARAMS = ROOT / "params-paper.yaml"
 TINY_BATCH = 2  # per-GPU batch of the tiny configs
+# GPUs of the official runs: the density scripts trained data-parallel on 8 GPUs, the 3DShapes script
+# on one. A run's per-GPU batch is its (global) train batch_size over this count.
+OFFICIAL_GPUS = {"density": 8, "disentanglement": 1}
 # Architecture fields taken from the "tiny" density preset; the rest (channels, bits, SDN
-# directions, lr, GPU count) stays the paper config's.
+# directions) stays the paper config's.
 TINY_DENSITY_FIELDS = ("image_size", "depth", "ds_list", "h_size", "z_size", "iaf_context", "sdn_max_scale",
                        "sdn_nfeat_0", "sdn_nfeat_diff", "mixtures")
 TINY_VAE = {"sdn_features": 8}  # the VAE's image size (64) and encoder are fixed; only the SDN narrows
@@ -148,7 +152,7 @@ def image_shape(config: Any) -> tuple[int, int, int]:
 
 def tiny_study(study: Study) -> Study:
     """The study with every model shrunk (per-model overrides, so they win) and per-GPU batch 2, validated."""
-    tiny = CONFIGS["tiny"]
+    tiny = HVAE_PRESETS["tiny"]
     shrink = {"density": {f: getattr(tiny, f) for f in TINY_DENSITY_FIELDS}, "disentanglement": dict(TINY_VAE)}
     params = json.loads(json.dumps(study.params))  # a deep, plain copy
     for family, fields in shrink.items():
@@ -156,7 +160,8 @@ def tiny_study(study: Study) -> Study:
         for dataset in study.datasets(family):
             models = params[family][dataset]["models"]
             for model in study.models(family):
-                models[model] = {**(models[model] or {}), **fields, "batch_size": TINY_BATCH}
+                models[model] = {**(models[model] or {}), **fields}
+            params[family][dataset]["train"]["batch_size"] = TINY_BATCH * OFFICIAL_GPUS[family]
     return validate(params)
 
 
@@ -222,6 +227,15 @@ def _peak_mib(device: torch.device) -> float:
     return _peak_rss_mib()
 
 
+def per_gpu_batch(family: str, train_config: training.TrainConfig) -> int:
+    """The per-GPU batch of a run: its global train batch over the official GPU count."""
+    gpus = OFFICIAL_GPUS[family]
+    if train_config.batch_size % gpus:
+        raise ValueError(f"the {family} train batch_size {train_config.batch_size} is not a multiple of the "
+                         f"official {gpus} GPUs")
+    return train_config.batch_size // gpus
+
+
 def gpu_hours(steps: int, global_batch: int, per_gpu_batch: int, step_s: float) -> float:
     """Total GPU time (hours) of ``steps`` steps at ``global_batch``, each GPU doing ``per_gpu_batch``
     images in ``step_s`` seconds (perfect data-parallel scaling)."""
@@ -230,9 +244,9 @@ def gpu_hours(steps: int, global_batch: int, per_gpu_batch: int, step_s: float) 
 
 def smoke_run(study: Study, run: Run, device: torch.device, steps: int, warmup: int, tiny: bool) -> Row:
     """Build ``run``'s model and train it ``warmup + steps`` steps at its per-GPU batch under one-rank DDP."""
-    config = study.model_config(run.family, run.dataset, run.model, run.seed)
-    paper = study.train_config(run.family, run.dataset, run.seed, run.model)
-    batch, total = config.batch_size, warmup + steps
+    config = study.model_config(run)
+    paper = study.train_config(run)
+    batch, total = per_gpu_batch(run.family, paper), warmup + steps
     smoke = dataclasses.replace(paper, steps=total, batch_size=batch, log_every=1, checkpoint_every=total,
                                 eval_every=None, keep_best=None, progress=False, device=device.type)
     _reset_memory(device)
@@ -247,7 +261,7 @@ def smoke_run(study: Study, run: Run, device: torch.device, steps: int, warmup: 
         config=run.dataset, family=run.family, model=run.model, precision=smoke.precision, per_gpu_batch=batch,
         params=timer.info["num_parameters"], step_s=step_s, images_per_s=batch / step_s, peak_mib=_peak_mib(device),
         memory="cuda" if device.type == "cuda" else "rss", steps=paper.steps, global_batch=paper.batch_size,
-        official_gpus=getattr(config, "num_devices", 1),
+        official_gpus=OFFICIAL_GPUS[run.family],
         gpu_hours=gpu_hours(paper.steps, paper.batch_size, batch, step_s), timed_steps=len(timer.times),
         world_size=timer.info["world_size"], ddp=timer.info["distributed"],
         device=str(device), tiny=tiny, loss=timer.metrics["loss"],
@@ -328,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads or (tiny and device.type == "cpu"):
         torch.set_num_threads(args.threads or 1)
     study = load_study(args.params)
-    unknown = sorted(set(args.configs or ()) - {d for family in FAMILIES for d in study.datasets(family)})
+    unknown = sorted(set(args.configs or ()) - {d for family in families() for d in study.datasets(family)})
     if unknown:
         print(f"paper_smoke: --configs {unknown} are not datasets of {args.params}", file=sys.stderr)
         return 2

@@ -56,16 +56,17 @@ def _model_and_data(family: str, model_name: str, num: int, seed: int):
 
     seed_everything(seed)
     if family == "density":
-        from sdn.configs import build_model, get_config
+        import baselines  # noqa: F401  (registers the decoder blocks)
+        from sdn.models.hvae import build_hvae, get_config
 
-        config = get_config("embedded")
-        model = build_model(config, model_name)
+        config = get_config("embedded", seed=seed)  # weights as seed_everything(seed) gave them before
+        model = build_hvae(config, model_name)
         shape = (config.channels, config.image_size, config.image_size)
         images = torch.randint(0, 256, (num, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     else:
-        from sdn.models.vanilla_vae import IMAGE_SIZE, build_vanilla_vae, get_vae_config
+        from sdn.models.vanilla_vae import IMAGE_SIZE, build_vanilla_vae, get_config
 
-        model = build_vanilla_vae(get_vae_config("embedded", seed=seed), model_name)
+        model = build_vanilla_vae(get_config("embedded", seed=seed), model_name)
         images = (torch.rand(num, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed)) < 0.1)
         images = images.to(torch.uint8) * 255
     return model, torch.utils.data.TensorDataset(images)

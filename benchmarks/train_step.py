@@ -29,13 +29,10 @@ from sdn.training import forward_backward, grad_norm_and_clip  # noqa: E402
 
 
 def _load_configs():
-    try:
-        from sdn.configs import build_model, get_config
-    except ImportError as error:  # the configs module is written separately
-        raise SystemExit(
-            f"benchmarks/train_step.py needs sdn.configs.get_config and sdn.configs.build_model ({error})"
-        ) from error
-    return get_config, build_model
+    import baselines  # noqa: F401  (registers the decoder blocks)
+    from sdn.models.hvae import build_hvae, get_config
+
+    return get_config, build_hvae
 
 
 def _peak_rss_mib() -> float:
@@ -43,19 +40,19 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def benchmark(model_name: str, config_name: str, batch_size: int | None, device_name: str,
-              steps: int, warmup: int, precision: str, seed: int) -> dict[str, float | int | str]:
+def benchmark(model_name: str, config_name: str, batch_size: int, device_name: str,
+              steps: int, warmup: int, precision: str, seed: int, lr: float = 0.01) -> dict[str, float | int | str]:
     """Time ``steps`` training steps after ``warmup`` ones; return the measurements."""
-    get_config, build_model = _load_configs()
-    config = get_config(config_name)
+    get_config, build_hvae = _load_configs()
+    config = get_config(config_name, seed=seed)
     device = resolve_device(device_name)
-    batch = batch_size or config.batch_size
+    batch = batch_size
     seed_everything(seed)
     baseline_rss = _peak_rss_mib()
-    model = build_model(config, model_name).to(device)
+    model = build_hvae(config, model_name).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, config.channels, config.image_size, config.image_size),
@@ -108,8 +105,9 @@ def benchmark(model_name: str, config_name: str, batch_size: int | None, device_
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sdn", help="registered model name, e.g. sdn or cnn")
-    parser.add_argument("--config", default="embedded", help="config name for sdn.configs.get_config")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's per-device batch")
+    parser.add_argument("--config", default="embedded", help="preset name for sdn.models.hvae.get_config")
+    parser.add_argument("--batch-size", type=int, default=32, help="per-device batch")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adamax learning rate (the embedded study's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1)
@@ -124,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = benchmark(args.model, args.config, args.batch_size, args.device, args.steps, args.warmup,
-                       args.precision or ("bf16" if resolve_device(args.device).type == "cuda" else "fp32"), args.seed)
+                       args.precision or ("bf16" if resolve_device(args.device).type == "cuda" else "fp32"), args.seed,
+                       args.lr)
     width = max(len(k) for k in result)
     for key, value in result.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)

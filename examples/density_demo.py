@@ -20,7 +20,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from sdn.callbacks import Callback  # noqa: E402
-from sdn.configs import build_model, count_parameters, get_config  # noqa: E402
+import baselines  # noqa: E402,F401  (registers the decoder blocks)
+from sdn.models import count_parameters  # noqa: E402
+from sdn.models.hvae import build_hvae, get_config  # noqa: E402
 from sdn.data import get_dataset  # noqa: E402
 from sdn.scores import evaluate_bpd  # noqa: E402
 from sdn.seeding import seed_everything  # noqa: E402
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--models", nargs="+", default=["sdn", "cnn"])
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.01, help="Adamax lr (the embedded study's)")
     parser.add_argument("--test-images", type=int, default=256)
     parser.add_argument("--iw-samples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -49,14 +52,14 @@ def main() -> None:
 
     train_set = get_dataset("patches32", "train")
     test_set = Subset(get_dataset("patches32", "test"), range(args.test_images))
-    config = get_config("embedded")
+    config = get_config("embedded", seed=args.seed)  # the weight-init seed
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             seed_everything(args.seed)
-            model = build_model(config, name)
+            model = build_hvae(config, name)
             print(f"{name}: {count_parameters(model):,} parameters", flush=True)
-            train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=config.lr,
+            train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                        ema_decay=0.9, checkpoint_every=args.steps,
                                        log_every=max(1, args.steps // 10), seed=args.seed,
                                        device="cpu", progress=False)

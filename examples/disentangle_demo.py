@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from sdn.data import get_dataset, get_ground_truth  # noqa: E402
 from sdn.metrics.disentanglement import compute_all  # noqa: E402
-from sdn.models.vanilla_vae import build_vanilla_vae, count_parameters, get_vae_config  # noqa: E402
+from sdn.models import count_parameters  # noqa: E402
+from sdn.models.vanilla_vae import build_vanilla_vae, get_config  # noqa: E402
 from sdn.seeding import seed_everything  # noqa: E402
 from sdn.training import TrainConfig, train  # noqa: E402
 
@@ -33,10 +34,10 @@ EVAL_SEED = 0  # disentanglement_lib evaluates every model with the same seed
 
 def run_one(decoder: str, args: argparse.Namespace, dataset, ground_truth, out_dir: Path) -> dict[str, float]:
     """Train one decoder kind, then score its posterior mean with the five metrics."""
-    config = get_vae_config("embedded", seed=args.seed)
+    config = get_config("embedded", seed=args.seed)
     model = build_vanilla_vae(config, decoder)
     train_config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=config.lr, ema_decay=None,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=None,
         checkpoint_every=args.steps, log_every=max(1, args.steps // 5), seed=args.seed,
         device="cpu", progress=True,
     )
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per decoder")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adamax lr (the paper's)")
     parser.add_argument("--num-images", type=int, default=2048, help="rendered training images")
     parser.add_argument("--num-train", type=int, default=300, help="metrics' training sample")
     parser.add_argument("--num-eval", type=int, default=150, help="metrics' evaluation sample")

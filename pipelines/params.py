@@ -123,7 +123,9 @@ def library_config(key: str, build: typing.Callable[[], Any]) -> Any:
     except ValidationError as err:
         raise explain(err, key) from err
     except (TypeError, ValueError) as err:
-        raise StudyError(f"{key}: {err}") from err
+        first = str(err).split("; ")[0]
+        field = re.match(r"^[A-Za-z]\w*\.([\w.]+): (.*)$", first)  # the library's "Class.field: problem"
+        raise StudyError(f"{key}.{field[1]}: {field[2]}" if field else f"{key}: {err}") from err
 
 
 def validate(raw: Any) -> Params:

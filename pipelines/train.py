@@ -17,13 +17,13 @@ from pathlib import Path
 
 
 import torch
-import torchvision.utils
 
 from pipelines.study import Run, RunPaths, Study, run_stage
 from sdn.callbacks import CurveWriter
 from sdn.checkpoint import remove_other_checkpoints, run_checkpoint_dir
-from sdn.configs import count_parameters
 from sdn.data.augment import RandomHFlip
+from sdn.images import save_image_grid
+from sdn.models import count_parameters
 from sdn.seeding import make_generator, seed_everything
 from sdn.training import train
 
@@ -92,7 +92,7 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     for temperature, path in sample_grids(paths, samples_cfg):
         images = eval_model.sample(samples_cfg.num, temperature=temperature, generator=make_generator(run.seed))
         nrow = max(1, int(round(samples_cfg.num ** 0.5)))
-        torchvision.utils.save_image(images.float() / 255.0, path, nrow=nrow, padding=1)
+        save_image_grid(images, path, nrow=nrow, padding=1)
     extras = family.write_extras(study, run, eval_model, paths)
 
     final = {f"train_{k}": float(v) for k, v in result.metrics.items()}

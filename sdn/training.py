@@ -8,7 +8,6 @@ global batch is split into equal per-rank slices, so the result matches a single
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -17,14 +16,16 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from sdn._config import ConfigBase, FiniteFloat, NonNegInt, OneOf, PositiveInt, config_dataclass
 from sdn.callbacks import Callback, CallbackList
 from sdn.checkpoint import (
     FORMAT_VERSION,
@@ -61,30 +62,11 @@ BEST_NAME = "best.pt"  # the evaluation weights at the best ``keep_best`` value,
 _EVAL_SEED_KEY = 0xE7A1  # mixes evaluation seeds away from the training streams
 
 
-def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        kind = f"an int >= {minimum}" + (" or None" if optional else "")
-        raise ValueError(f"TrainConfig.{name} must be {kind}, got {value!r}")
+Rate = Annotated[FiniteFloat, Field(gt=0)]
 
 
-def _check_float(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool,
-                 optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    ok = isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(
-            f"TrainConfig.{name} must be a float in {interval}{' or None' if optional else ''}, got {value!r}"
-        )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
+@config_dataclass
+class TrainConfig(ConfigBase):
     """Everything that defines a training run.
 
     ``batch_size`` is global (split equally over ranks). ``lr_schedule`` "exponential" (the
@@ -103,67 +85,36 @@ class TrainConfig:
     deterministic kernel; runs are then no longer bit-reproducible on GPU).
     """
 
-    steps: int
-    batch_size: int
-    lr: float = 2e-3
-    lr_schedule: str = "exponential"
-    lr_decay: float = 1.0
-    lr_decay_every: int | None = None
-    ema_decay: float | None = 0.999
-    grad_clip: float | None = None
-    checkpoint_every: int = 1000
-    log_every: int = 100
-    eval_every: int | None = None
-    keep_best: str | None = None
-    seed: int = 0
-    num_workers: int = 0
-    precision: str = "fp32"
+    steps: PositiveInt
+    batch_size: PositiveInt
+    lr: Rate = 2e-3
+    lr_schedule: Annotated[str, OneOf(*LR_SCHEDULES)] = "exponential"
+    lr_decay: Annotated[Rate, Field(le=1)] = 1.0
+    lr_decay_every: Optional[PositiveInt] = None
+    ema_decay: Optional[Annotated[FiniteFloat, Field(ge=0, lt=1)]] = 0.999
+    grad_clip: Optional[Rate] = None
+    checkpoint_every: PositiveInt = 1000
+    log_every: PositiveInt = 100
+    eval_every: Optional[PositiveInt] = None
+    keep_best: Optional[str] = None
+    seed: NonNegInt = 0
+    num_workers: NonNegInt = 0
+    precision: Annotated[str, OneOf(*PRECISIONS)] = "fp32"
     channels_last: bool = True
-    device: str = "auto"
+    device: Annotated[str, OneOf(*DEVICES)] = "auto"
     deterministic: bool = True
     find_unused_parameters: bool = False
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        _check_int("steps", self.steps, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_float("lr", self.lr, 0.0, math.inf, True, True)
-        _check_float("lr_decay", self.lr_decay, 0.0, 1.0, True, False)
-        _check_int("lr_decay_every", self.lr_decay_every, 1, optional=True)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
         if self.lr_schedule == "cosine" and (self.lr_decay != 1.0 or self.lr_decay_every is not None):
             raise ValueError("TrainConfig.lr_decay and lr_decay_every apply to the exponential schedule only; "
                              f"leave them unset with lr_schedule='cosine' (got {self.lr_decay!r}, {self.lr_decay_every!r})")
-        _check_float("ema_decay", self.ema_decay, 0.0, 1.0, False, True, optional=True)
-        _check_float("grad_clip", self.grad_clip, 0.0, math.inf, True, True, optional=True)
-        _check_int("checkpoint_every", self.checkpoint_every, 1)
-        _check_int("log_every", self.log_every, 1)
-        _check_int("eval_every", self.eval_every, 1, optional=True)
-        _check_int("seed", self.seed, 0)
-        _check_int("num_workers", self.num_workers, 0)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.keep_best is not None and (not isinstance(self.keep_best, str) or self.eval_every is None):
+        if self.keep_best is not None and self.eval_every is None:
             raise ValueError("TrainConfig.keep_best must name a metric of eval_fn and needs eval_every, "
                              f"got keep_best={self.keep_best!r} with eval_every={self.eval_every!r}")
-        for name in ("channels_last", "deterministic", "find_unused_parameters", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"TrainConfig.device must be one of {DEVICES}, got {self.device!r}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping (e.g. a ``params.yaml`` section); unknown keys are an error."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(values))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self
 
 
 class NonFiniteLossError(RuntimeError):

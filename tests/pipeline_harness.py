@@ -26,8 +26,7 @@ TOY_BASELINE = '''"""``toy``: a throw-away baseline for the add-a-baseline test 
 
 from torch import nn
 
-from baselines import register_baseline
-from sdn.models.blocks import check_block_request, plain_conv
+from sdn.models.blocks import check_block_request, plain_conv, register_blocks
 
 
 class ToyBlockFactory:
@@ -36,7 +35,7 @@ class ToyBlockFactory:
         return plain_conv(in_ch, out_ch, True) if upsample else nn.Conv2d(in_ch, out_ch, 1)
 
 
-@register_baseline("toy")
+@register_blocks("toy")
 def build_toy(config):
     return ToyBlockFactory()
 '''
@@ -62,7 +61,7 @@ def tiny_params(params: dict[str, Any]) -> dict[str, Any]:
     d["eval"] = {"batch_size": 16, "iw_samples": 4, "max_examples": 16}
     d["samples"]["num"] = 4
     q = p["disentanglement"]["dsprites_procedural"]
-    q["overrides"] = {"sdn_features": 8, "batch_size": 16}
+    q["overrides"] = {"sdn_features": 8}
     q["train"].update(steps=4, batch_size=16, log_every=2, checkpoint_every=4)
     q["metrics"] = {"num_train": 60, "num_eval": 30, "batch_size": 8, "encode_batch_size": 32,
                     "metrics": ["beta_vae", "factor_vae", "mig", "dci", "sap"]}

@@ -64,10 +64,11 @@ def test_the_documented_example_runs_as_written(tmp_path):
     (tmp_path / "sdn").symlink_to(root / "sdn")
     check = (
         "import torch\n"
-        "from sdn.configs import build_model, get_config\n"
-        "torch.manual_seed(0)\n"
+        "import baselines\n"
+        "from sdn.models.hvae import build_hvae, get_config\n"
+        "assert 'my_block' in baselines.NAMES\n"
         "config = get_config('tiny', sdn_max_scale=0)\n"
-        "model = build_model(config, 'my_block')\n"
+        "model = build_hvae(config, 'my_block')\n"
         "assert any(type(m).__name__ == 'MyBlock' for m in model.modules())\n"
         "images = torch.randint(0, 256, (2, config.channels, config.image_size, config.image_size), dtype=torch.uint8)\n"
         "out = model(images)\n"

@@ -263,6 +263,8 @@ def test_prepare_refuses_to_replace_an_unrelated_directory(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("keep me")
     with pytest.raises(ValueError, match="refusing"):
+        prepare("dsprites_procedural", tmp_path / "data", progress=False, num=10, seed=0)
+    with pytest.raises(FileNotFoundError, match="prepare"):  # reading never builds
         get_dataset("dsprites_procedural", "train", root=tmp_path / "data", num=10)
     assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
     assert _no_temp_dirs(tmp_path)

@@ -682,7 +682,7 @@ def _study_error(edit) -> str:
 
 
 def test_fid_params_are_validated_naming_the_key():
-    assert "fid.kid: missing key(s) ['seed']" in _study_error(lambda p: p["fid"]["kid"].pop("seed"))
+    assert "missing key fid.kid.seed" in _study_error(lambda p: p["fid"]["kid"].pop("seed"))
     assert "fid.weights.sha256_prefix" in _study_error(lambda p: p["fid"]["weights"].update(sha256_prefix="xyz"))
     assert "fid.weights.sha256" in _study_error(lambda p: p["fid"]["weights"].update(sha256="ab" * 10))
     assert "fid.weights.url" in _study_error(lambda p: p["fid"]["weights"].update(url="ftp://x/y.pth"))

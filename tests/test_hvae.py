@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from baselines import BASELINES, get_block_factory, register_baseline
-from sdn.configs import build_model, count_parameters, get_config
+import baselines  # noqa: F401  (registers the decoder blocks)
+from sdn.models import count_parameters
+from sdn.models.blocks import block_builder, register_blocks, registered_blocks, unregister_blocks
+from sdn.models.hvae import build_hvae, get_config
 from sdn.layers import ResSDNLayer
 from sdn.likelihoods import gaussian_log_prob, nats_to_bpd
 from sdn.models.blocks import ConvBlockFactory, HiddenConvBlock, SDNBlockFactory
@@ -27,7 +29,7 @@ def tiny_images(n: int = 3, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_backward_contract(name: str) -> None:
     torch.manual_seed(0)
-    model = build_model(get_config("tiny"), name)
+    model = build_hvae(get_config("tiny"), name)
     out = model(tiny_images())
     assert set(out) >= {"loss", "bpd", "kl", "recon"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
@@ -41,7 +43,7 @@ def test_forward_backward_contract(name: str) -> None:
 def test_free_bits_objective_is_max_of_batch_mean_kl_per_layer() -> None:
     cfg = get_config("tiny")
     torch.manual_seed(0)
-    model = build_model(cfg, "cnn")
+    model = build_hvae(cfg, "cnn")
     images = tiny_images(4)
     torch.manual_seed(1)
     log_px, kls = model._elbo_terms(images)
@@ -56,7 +58,7 @@ def test_free_bits_objective_is_max_of_batch_mean_kl_per_layer() -> None:
 
 def test_forward_bpd_equals_log_weights_with_one_sample_and_is_deterministic() -> None:
     torch.manual_seed(0)
-    model = build_model(get_config("tiny"), "sdn")
+    model = build_hvae(get_config("tiny"), "sdn")
     images = tiny_images(4)
     torch.manual_seed(5)
     bpd = model(images)["bpd"].item()
@@ -75,7 +77,7 @@ def test_log_weights_share_the_bottom_up_pass_exactly(name: str) -> None:
     """K samples per image from one bottom-up pass equal the full model run on K copies of the
     batch (sample-major rows), drawing the same posterior noise."""
     torch.manual_seed(0)
-    model = build_model(get_config("tiny"), name).eval()
+    model = build_hvae(get_config("tiny"), name).eval()
     images, k = tiny_images(3), 4
     shared = model.log_weights(images, k, torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -87,7 +89,7 @@ def test_log_weights_share_the_bottom_up_pass_exactly(name: str) -> None:
 
 def test_sample_contract_temperature_zero_and_generator() -> None:
     torch.manual_seed(0)
-    model = build_model(get_config("tiny"), "sdn")
+    model = build_hvae(get_config("tiny"), "sdn")
     s1 = model.sample(5, 0.8, torch.Generator().manual_seed(1))
     s2 = model.sample(5, 0.8, torch.Generator().manual_seed(1))
     assert s1.dtype == torch.uint8 and s1.shape == (5, 3, 8, 8) and torch.equal(s1, s2)
@@ -98,7 +100,7 @@ def test_sample_contract_temperature_zero_and_generator() -> None:
 
 
 def test_bad_images_raise_value_error() -> None:
-    model = build_model(get_config("tiny"), "cnn")
+    model = build_hvae(get_config("tiny"), "cnn")
     with pytest.raises(ValueError, match="uint8"):
         model(tiny_images().float())
     with pytest.raises(ValueError, match=r"\(B, 3, 8, 8\)"):
@@ -109,7 +111,7 @@ def test_bad_images_raise_value_error() -> None:
 
 def test_weight_norm_everywhere_and_deepcopy_state_dict_round_trip() -> None:
     torch.manual_seed(0)
-    model = build_model(get_config("tiny"), "sdn")
+    model = build_hvae(get_config("tiny"), "sdn")
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     assert convs and all(hasattr(m, "parametrizations") and "weight" in m.parametrizations for m in convs)
     ema = copy.deepcopy(model)
@@ -188,7 +190,7 @@ def test_sdn_factory_directions_features_and_scales() -> None:
 
 def test_models_use_the_expected_blocks() -> None:
     cfg = get_config("tiny")
-    sdn, cnn, matched = (build_model(cfg, n) for n in MODELS)
+    sdn, cnn, matched = (build_hvae(cfg, n) for n in MODELS)
     assert isinstance(sdn.output, ResSDNLayer) and len(sdn.output.sdn.directions) == 4
     assert all(isinstance(l.down_a, ResSDNLayer) and isinstance(l.down_b, ResSDNLayer) for l in sdn.layers)
     assert not any(isinstance(m, ResSDNLayer) for m in cnn.modules())
@@ -200,25 +202,26 @@ def test_models_use_the_expected_blocks() -> None:
 
 
 def test_registry_adds_a_baseline_from_one_function() -> None:
-    @register_baseline("test_only_conv")
+    @register_blocks("test_only_conv")
     def build(config):
         return ConvBlockFactory()
 
     try:
-        model = build_model(get_config("tiny"), "test_only_conv")
-        assert count_parameters(model) == count_parameters(build_model(get_config("tiny"), "cnn"))
+        assert "test_only_conv" in registered_blocks()
+        model = build_hvae(get_config("tiny"), "test_only_conv")
+        assert count_parameters(model) == count_parameters(build_hvae(get_config("tiny"), "cnn"))
         with pytest.raises(ValueError, match="already registered"):
-            register_baseline("test_only_conv")(lambda c: ConvBlockFactory())
+            register_blocks("test_only_conv")(lambda c: ConvBlockFactory())
     finally:
-        BASELINES.pop("test_only_conv")
-    with pytest.raises(ValueError, match="unknown model"):
-        get_block_factory("nope")
+        unregister_blocks("test_only_conv")
+    with pytest.raises(ValueError, match=r"unknown decoder blocks 'nope'; registered: \['cnn', 'cnn_matched', 'sdn'\]"):
+        block_builder("nope")
 
 
 def test_one_sample_kl_uses_iaf_density() -> None:
     """log q(z|x) in the layer equals the Gaussian density of z0 plus the IAF log-scale."""
     torch.manual_seed(0)
-    model = build_model(get_config("tiny"), "cnn")
+    model = build_hvae(get_config("tiny"), "cnn")
     layer = model.layers[-1]
     x = torch.randn(2, 8, 4, 4)
     q_up = torch.randn(2, layer.q_size, 4, 4)

@@ -59,7 +59,7 @@ def test_rows_use_the_study_precision_and_run_length(smoke: dict, study) -> None
     """Precision and run steps are the paper study's TrainConfig values of that run."""
     seed = study.seeds[0]
     for row in smoke["rows"]:
-        paper = study.train_config(row["family"], row["config"], seed, row["model"])
+        paper = study.train_config(study.find_run(row["family"], row["config"], row["model"], seed))
         assert row["precision"] == paper.precision, row
         assert row["steps"] == paper.steps, row
 

@@ -12,7 +12,8 @@ from scipy.special import logsumexp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdn.configs import build_model, get_config
+import baselines  # noqa: F401  (registers the decoder blocks)
+from sdn.models.hvae import build_hvae, get_config
 from sdn.scores import evaluate_bpd, image_nll
 
 
@@ -84,7 +85,7 @@ def test_chunked_float64_logsumexp_matches_scipy(chunk: int) -> None:
 
 def test_iw_bound_is_tighter_than_elbo_and_improves_with_k_on_a_real_model() -> None:
     torch.manual_seed(0)
-    model = build_model(get_config("tiny"), "cnn")
+    model = build_hvae(get_config("tiny"), "cnn")
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     results = [evaluate_bpd(model, loader_of(images, 6), k, chunk_size=48, seed=3, progress=False) for k in (1, 4, 32)]
     iw = [r["iw_bpd"] for r in results]
@@ -96,7 +97,7 @@ def test_iw_bound_is_tighter_than_elbo_and_improves_with_k_on_a_real_model() -> 
 
 def test_elbo_bpd_agrees_with_forward_and_is_seeded_and_restores_mode() -> None:
     torch.manual_seed(0)
-    model = build_model(get_config("tiny"), "sdn")
+    model = build_hvae(get_config("tiny"), "sdn")
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     model.train()
     a = evaluate_bpd(model, loader_of(images, 4), 1, chunk_size=64, seed=11, progress=False)

@@ -41,7 +41,7 @@ def test_embedded_study_is_valid_and_expands_like_dvc(embedded):
 
 
 def test_paper_study_is_valid_and_every_config_builds_on_meta():
-    from sdn.configs import count_parameters
+    from sdn.models import count_parameters
 
     s = validate(_load("params-paper.yaml"))
     assert s.datasets("density") == ["cifar10", "imagenet32", "celebahq256"]
@@ -69,7 +69,7 @@ def test_paper_study_is_valid_and_every_config_builds_on_meta():
     # selection on a validation split held out of the training data, length in official epochs
     for dataset in s.datasets("density"):
         cfg = s.train_config(s.find_run("density", dataset, "sdn", 0))
-        assert cfg.keep_best == "elbo_bpd" and cfg.eval_every and s.holdout(dataset)["size"] > 0
+        assert cfg.keep_best == "elbo_bpd" and cfg.eval_every and s.holdout(dataset).size > 0
     assert tc.steps == -(-1000 * 50_000 // 256)  # 1,000 official epochs at the global batch 256
     assert s.section(s.find_run("density", "cifar10", "sdn", 0)).samples.temperatures == [0.6, 0.7, 0.85, 1.0]
 

@@ -543,7 +543,7 @@ def test_cosine_schedule_follows_the_closed_form_and_resumes_exactly(tmp_path):
 def test_cosine_schedule_refuses_exponential_settings():
     with pytest.raises(ValueError, match="exponential schedule only"):
         config(lr_schedule="cosine", lr_decay=0.9)
-    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+    with pytest.raises(ValueError, match=r"TrainConfig\.lr_schedule: must be one of"):
         config(lr_schedule="linear")
 
 

@@ -16,10 +16,11 @@ from sdn.models.vae_likelihoods import (
 from sdn.models.vanilla_vae import (
     VAEConfig,
     VanillaVAE,
+    PRESETS,
     build_vanilla_vae,
-    count_parameters,
-    get_vae_config,
+    get_config,
 )
+from sdn.models import count_parameters
 
 ALL_VALUES = torch.arange(256, dtype=torch.float64) / 255.0 - 0.5  # bin centres in [-0.5, 0.5]
 HALF_BIN = 0.5 / 255.0
@@ -221,7 +222,7 @@ def test_decoder_parameter_counts_match_reference():
     """Counted: parameters of ``model.decoder`` only (the Linear/ConvTranspose/SDN stack), for the
     paper config (z=10, RGB, F=200); the encoder and the likelihood's single log-scale are excluded.
     The reference quotes CNN ~0.38M and SDN ~0.96M; we check both an exact closed form and a 3% band."""
-    config = get_vae_config("shapes3d")
+    config = get_config("shapes3d")
     cnn = count_parameters(build_vanilla_vae(config, "cnn").decoder)
     sdn = count_parameters(build_vanilla_vae(config, "sdn").decoder)
 
@@ -312,17 +313,19 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="sdn_directions"):
         VAEConfig(sdn_directions=("diagonal",))
     with pytest.raises(ValueError, match="unknown VAE config"):
-        get_vae_config("celeba")
+        get_config("celeba")
 
 
 def test_named_configs():
-    shapes = get_vae_config("shapes3d")
-    assert (shapes.z_dim, shapes.batch_size, shapes.lr, shapes.beta, shapes.seed) == (10, 128, 1e-3, 1.0, 1234)
+    shapes = get_config("shapes3d")
+    assert (shapes.z_dim, shapes.beta, shapes.seed) == (10, 1.0, 1234)
+    assert not hasattr(shapes, "lr") and not hasattr(shapes, "batch_size")  # the trainer's settings
     assert (shapes.channels, shapes.likelihood, shapes.sdn_features) == (3, "logistic", 200)
     assert shapes.sdn_scales == (32,) and shapes.sdn_directions == ("left_right",)
-    embedded = get_vae_config("embedded")
+    embedded = get_config("embedded")
+    assert set(PRESETS) == {"shapes3d", "embedded"}
     assert (embedded.channels, embedded.likelihood) == (1, "bernoulli")
-    assert get_vae_config("embedded", beta=4.0).beta == 4.0
+    assert get_config("embedded", beta=4.0).beta == 4.0
 
 
 def test_objective_stays_float32_under_bf16_autocast():

@@ -39,31 +39,33 @@ class Density(Family):
     section = DensitySection
 
     def model_names(self) -> tuple[str, ...]:
-        from baselines import available_baselines
+        import baselines  # noqa: F401  (each file registers its decoder blocks)
+        from sdn.models.blocks import registered_blocks
 
-        return tuple(available_baselines())
+        return tuple(registered_blocks())
 
     def presets(self) -> Mapping[str, Any]:
-        from sdn.configs import CONFIGS
+        from sdn.models.hvae import PRESETS
 
-        return CONFIGS
+        return PRESETS
 
     def config_fields(self) -> tuple[str, ...]:
         import dataclasses
 
-        from sdn.configs import HVAEConfig
+        from sdn.models.hvae import HVAEConfig
 
         return tuple(f.name for f in dataclasses.fields(HVAEConfig))
 
     def model_config(self, preset: str, overrides: Mapping[str, Any]) -> Any:
-        from sdn.configs import get_config
+        from sdn.models.hvae import get_config
 
         return get_config(preset, **overrides)
 
     def build(self, config: Any, model: str, device: Optional[str] = None) -> nn.Module:
-        from sdn.configs import build_model
+        import baselines  # noqa: F401  (each file registers its decoder blocks)
+        from sdn.models.hvae import build_hvae
 
-        return build_model(config, model, device=device)
+        return build_hvae(config, model, device=device)
 
     def validation_fn(self, study, run):
         """ELBO bits/dim of the whole validation split (one posterior sample per image; the trainer

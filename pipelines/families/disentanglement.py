@@ -8,13 +8,13 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-import torchvision.utils
 from pydantic import Field
 from torch import nn
 from typing_extensions import Annotated
 
 from pipelines.families import EVAL_SEED, Family
 from pipelines.reporting.disentanglement import REPORT
+from sdn.images import save_image_grid
 from pipelines.schema import FamilySection, PositiveInt, Section
 
 DECODERS = ("cnn", "sdn")  # the vanilla VAE's decoder kinds
@@ -48,9 +48,9 @@ class Disentanglement(Family):
         return DECODERS
 
     def presets(self) -> Mapping[str, Any]:
-        from sdn.models.vanilla_vae import VAE_CONFIGS
+        from sdn.models.vanilla_vae import PRESETS
 
-        return VAE_CONFIGS
+        return PRESETS
 
     def config_fields(self) -> tuple[str, ...]:
         import dataclasses
@@ -60,9 +60,9 @@ class Disentanglement(Family):
         return tuple(f.name for f in dataclasses.fields(VAEConfig))
 
     def model_config(self, preset: str, overrides: Mapping[str, Any]) -> Any:
-        from sdn.models.vanilla_vae import get_vae_config
+        from sdn.models.vanilla_vae import get_config
 
-        return get_vae_config(preset, **overrides)
+        return get_config(preset, **overrides)
 
     def build(self, config: Any, model: str, device: Optional[str] = None) -> nn.Module:
         from contextlib import nullcontext
@@ -79,8 +79,7 @@ class Disentanglement(Family):
         indices = np.random.default_rng(0).choice(len(dataset), RECONSTRUCTED, replace=False)
         inputs = torch.stack([dataset[int(i)][0] for i in indices])
         recons = model.reconstruct(inputs)
-        torchvision.utils.save_image(torch.cat([inputs, recons]).float() / 255.0, paths.reconstructions,
-                                     nrow=RECONSTRUCTED, padding=1)
+        save_image_grid(torch.cat([inputs, recons]), paths.reconstructions, nrow=RECONSTRUCTED, padding=1)
         return [paths.reconstructions]
 
     def evaluate(self, study, run, model: nn.Module, device: Any) -> dict[str, Any]:

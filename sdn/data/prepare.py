@@ -37,10 +37,10 @@ from sdn.data.storage import (
     labels_path,
     new_image_array,
     read_meta,
-    save_sample_grid,
     split_meta,
     write_meta,
 )
+from sdn.images import save_image_grid
 
 SHAPES3D_FACTORS = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
 SHAPES3D_SIZES = (10, 10, 10, 8, 4, 15)
@@ -139,13 +139,13 @@ def prepare(
         if image_path(tmp, "train").is_file():
             grid_images = np.load(image_path(tmp, "train"), mmap_mode="r")
             spread = np.unique(np.linspace(0, len(grid_images) - 1, 64).astype(np.int64))
-            save_sample_grid(grid_images[spread], tmp / GRID)
+            save_image_grid(grid_images[spread], tmp / GRID, nrow=8, padding=2, pad_value=1.0)
             del grid_images
         else:  # rendered on demand: the grid of a seeded sample of grid points
             grid = rendered_grid(name)
             picks = np.random.default_rng(options["seed"]).choice(len(grid), 64, replace=False)
-            save_sample_grid(torch.stack([image for image, _ in grid.__getitems__(picks)]).numpy(),
-                             tmp / GRID)
+            save_image_grid(torch.stack([image for image, _ in grid.__getitems__(picks)]), tmp / GRID,
+                            nrow=8, padding=2, pad_value=1.0)
     return read_meta(out)
 
 

@@ -116,14 +116,6 @@ def split_meta(images: np.ndarray, factors: np.ndarray | None = None) -> dict[st
     return entry
 
 
-def save_sample_grid(images: np.ndarray, path: str | Path, num: int = 64, nrow: int = 8) -> None:
-    """Save the first ``num`` uint8 (N, C, H, W) images as one PNG grid."""
-    from torchvision.utils import make_grid, save_image
-
-    batch = torch.from_numpy(np.array(images[:num], dtype=np.uint8)).float() / 255.0
-    save_image(make_grid(batch, nrow=nrow, padding=2, pad_value=1.0), str(path))
-
-
 class PreparedImages(Dataset):
     """A split of a prepared dataset: item i is (uint8 (C, H, W), int64 (K,) or empty) tensors.
 

@@ -22,10 +22,10 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch_fidelity
-import torchvision.utils
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
+from sdn.images import save_image_grid
 from sdn.metrics.fid_stats import (
     FEATURE_DIM,
     FeatureKeeper,
@@ -259,14 +259,6 @@ def iterate_samples(sample_fn: SampleFn, num_samples: int, batch_size: int) -> I
         yield batch
 
 
-def save_sample_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
-    """Save uint8 images (N, C, H, W) as one PNG grid via torchvision."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(images.float() / 255.0, path, nrow=nrow, padding=2)
-    return path
-
-
 def _unavailable(reason: str, num_samples: int, reference: str | None, temperature: float | None) -> FIDResult:
     logger.warning("FID and KID not computed: %s", reason)
     return FIDResult(None, False, reason, num_samples=num_samples, reference=reference, temperature=temperature,
@@ -343,7 +335,7 @@ def compute_fid(
     keep = FeatureKeeper() if reference.features is not None else None  # every generated feature, for KID
     mu, sigma, count = accumulate_statistics(batches(), extractor, device, num_samples, "FID samples", progress, keep)
     if grid_path is not None:
-        save_sample_grid(torch.cat(grid), grid_path)
+        save_image_grid(torch.cat(grid), grid_path, nrow=8, padding=2)
     value, offset_used = frechet_distance_with_info(mu, sigma, reference.mu, reference.sigma, eps)
     kid: dict[str, Any] = {"kid_subsets": kid_subsets, "kid_subset_size_requested": kid_subset_size,
                            "kid_seed": kid_seed, "kid_reference": reference.describe_features()}

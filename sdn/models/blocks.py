@@ -9,14 +9,19 @@ with ``role`` in ``ROLES``; ``scale`` is the resolution of the ladder layer (its
 its top-down output; the image size for ``output``); ``upsample`` is True only for the ``down_b``
 block of a layer that resamples (it must then map (B, in, s/2, s/2) -> (B, out, s, s)). Every other
 block keeps the spatial size. Factories may keep state (the SDN factory cycles directions and shrinks
-F), so one factory instance builds exactly one model. Factories are registered by name in
-``baselines`` (see ``docs/baselines.md``); the SDN and conv factories live here because the model
-itself is defined by them.
+F), so one factory instance builds exactly one model. The SDN and conv factories live here because
+the model itself is defined by them.
+
+Decoder blocks are chosen by name: ``@register_blocks(name)`` registers a *builder*
+``builder(config) -> BlockFactory`` (called once per model), ``block_builder(name)`` looks it up and
+``registered_blocks()`` lists the names. The library registers nothing itself: the study's
+variants register on ``import baselines`` (``docs/baselines.md``), any other code may register its own.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +35,50 @@ class BlockFactory(Protocol):
     """Builds one top-down block; see the module docstring for the call order and shapes."""
 
     def __call__(self, role: str, in_ch: int, out_ch: int, scale: int, upsample: bool) -> nn.Module: ...
+
+
+BlockBuilder = Callable[[Any], BlockFactory]
+_REGISTRY: dict[str, BlockBuilder] = {}
+
+
+def register_blocks(name: str) -> Callable[[BlockBuilder], BlockBuilder]:
+    """Decorator: register ``builder(config) -> BlockFactory`` under ``name`` (names are unique)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"decoder-block name must be a non-empty string, got {name!r}")
+
+    def decorate(builder: BlockBuilder) -> BlockBuilder:
+        if name in _REGISTRY and _REGISTRY[name] is not builder:
+            raise ValueError(f"decoder blocks {name!r} are already registered by {_REGISTRY[name].__module__}")
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorate
+
+
+def unregister_blocks(name: str) -> None:
+    """Remove ``name`` from the registry (for tests and interactive use); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+
+
+def registered_blocks() -> list[str]:
+    """Sorted names of all registered decoder blocks."""
+    return sorted(_REGISTRY)
+
+
+def block_builder(name: str) -> BlockBuilder:
+    """The builder registered as ``name``; ``ValueError`` listing the registered names otherwise."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if not _REGISTRY:
+        raise ValueError(
+            f"no decoder blocks are registered, so {name!r} is unknown: `import baselines` first (the study's "
+            "variants register themselves on import), or register yours with "
+            "@sdn.models.blocks.register_blocks(name) (docs/baselines.md)"
+        )
+    raise ValueError(
+        f"unknown decoder blocks {name!r}; registered: {sorted(_REGISTRY)} (a new variant registers itself with "
+        "@sdn.models.blocks.register_blocks(name) in a module that must be imported first, e.g. baselines/<name>.py)"
+    )
 
 
 def check_block_request(role: str, in_ch: int, out_ch: int, scale: int, upsample: bool) -> None:

@@ -1,5 +1,6 @@
 """The density model of the SDN paper: an IAF-VAE-style bidirectional ladder VAE (section 2 of the
-reference notes) whose top-down blocks come from a pluggable block factory (``sdn/models/blocks.py``).
+reference notes) whose top-down blocks come from a pluggable block factory (``sdn/models/blocks.py``),
+its architecture config ``HVAEConfig`` with the named ``PRESETS``, and ``build_hvae``.
 
 Contract (docs/architecture.md): ``forward(uint8 images) -> {"loss", "bpd", "kl", "recon"}``,
 ``sample(num, temperature, generator) -> uint8``, ``log_weights(images, K) -> float64 (K, B)``.
@@ -10,15 +11,106 @@ layer (the official code divides the correction by the batch size); the DML is n
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from sdn.configs import HVAEConfig
+from sdn._config import ConfigBase, FiniteFloat, NonNegInt, OneOf, PositiveInt, config_dataclass
 from sdn.likelihoods import DiscretizedMixtureLogistics, gaussian_log_prob, nats_to_bpd, preprocess, unit_interval_to_uint8
-from sdn.models.blocks import BlockFactory, conv_geometry
+from sdn.models.blocks import BlockFactory, block_builder, conv_geometry
 from sdn.models.iaf import IAFStep, context_channels
+
+
+@config_dataclass
+class HVAEConfig(ConfigBase):
+    """Architecture and likelihood of one density model, and the seed of its initial weights.
+
+    ``hflip`` tells the data side to apply random horizontal flips (the model never flips).
+    Optimisation settings (lr, decay, EMA, batch) are the trainer's (``sdn.training.TrainConfig``).
+    """
+
+    name: str
+    image_size: PositiveInt
+    channels: Annotated[int, OneOf(1, 3)] = 3
+    bits: Annotated[int, Field(ge=1, le=8)] = 8
+    depth: PositiveInt = 15
+    ds_list: Annotated[tuple[NonNegInt, ...], Field(strict=False)] = (5, 10)  # a list becomes a tuple
+    h_size: PositiveInt = 200
+    z_size: PositiveInt = 4
+    iaf_context: PositiveInt = 100
+    free_bits: Annotated[FiniteFloat, Field(ge=0)] = 0.01
+    mixtures: PositiveInt = 5
+    sdn_min_scale: NonNegInt = 0
+    sdn_max_scale: NonNegInt = 32
+    sdn_nfeat_0: NonNegInt = 360
+    sdn_nfeat_diff: NonNegInt = 128
+    sdn_num_dirs: Annotated[int, Field(ge=0, le=4)] = 2
+    sdn_nfeat_floor: PositiveInt = 50
+    seed: NonNegInt = 1234
+    hflip: bool = True
+
+    @model_validator(mode="after")
+    def _check_ladder(self) -> HVAEConfig:
+        if any(i >= self.depth for i in self.ds_list):
+            raise ValueError(f"HVAEConfig.ds_list must hold layer indices in 0..{self.depth - 1}, got {self.ds_list!r}")
+        if self.image_size % (2 ** len(self.ds_list)) != 0:
+            raise ValueError(f"HVAEConfig.image_size {self.image_size} must be divisible by "
+                             f"2**len(ds_list) = {2 ** len(self.ds_list)}")
+        return self
+
+    @property
+    def num_dims(self) -> int:
+        """C * H * W, the dimensionality used for bits per dim."""
+        return self.channels * self.image_size * self.image_size
+
+
+# The paper's configs follow the official scripts (djordjemila/sdn) at the revisions named below;
+# earlier revisions differ (docs/pipeline.md, "Which official revision"). Their optimisation
+# settings (lr, lr decay, EMA, GPUs x per-GPU batch) are in params-paper.yaml's train sections.
+PRESETS: dict[str, HVAEConfig] = {
+    # train_cifar.sh at e70fddd2810df924ec2aa4cfbda1a373d031422d (SDN line; the CNN line: sdn_max_scale 0)
+    "cifar10": HVAEConfig(
+        name="cifar10", image_size=32, bits=8, depth=15, ds_list=(5, 10), h_size=200, z_size=4,
+        sdn_max_scale=32, sdn_nfeat_0=360, sdn_nfeat_diff=128, sdn_num_dirs=2, mixtures=5, seed=1234, hflip=True,
+    ),
+    # train_imagenet.sh at 4e0d8685ac130d1b8c72f316c882d81dea2a5c83
+    "imagenet32": HVAEConfig(
+        name="imagenet32", image_size=32, bits=8, depth=16, ds_list=(3, 7, 11), h_size=200, z_size=4,
+        sdn_max_scale=32, sdn_nfeat_0=424, sdn_nfeat_diff=0, sdn_num_dirs=3, mixtures=10, seed=13, hflip=False,
+    ),
+    # train_celeb.sh at e70fddd2810df924ec2aa4cfbda1a373d031422d
+    "celebahq256": HVAEConfig(
+        name="celebahq256", image_size=256, bits=5, depth=17, ds_list=(4, 7, 9, 11, 13, 15), h_size=200,
+        z_size=8, sdn_max_scale=64, sdn_nfeat_0=400, sdn_nfeat_diff=80, sdn_num_dirs=2, mixtures=30,
+        seed=1234, hflip=True,
+    ),
+    # The miniature of the embedded study (CPU): 16x16 patches, a two-rung ladder (latents at 8x8
+    # and 4x4), SDN at 8x8 and below, everything narrow. Chosen on the validation split of
+    # patches32 (docs/tuning.md): small enough that cosine-scheduled runs flatten within the
+    # two-core budget.
+    "embedded": HVAEConfig(
+        name="embedded", image_size=16, bits=8, depth=2, ds_list=(0, 1), h_size=16, z_size=4,
+        iaf_context=16, sdn_max_scale=8, sdn_nfeat_0=16, sdn_nfeat_diff=0, sdn_num_dirs=2, mixtures=5,
+        seed=1234, hflip=True,
+    ),
+    # For unit tests and smoke runs: 8x8 images, every piece present (SDN, resampling, IAF, DML).
+    "tiny": HVAEConfig(
+        name="tiny", image_size=8, bits=8, depth=3, ds_list=(1,), h_size=8, z_size=2, iaf_context=4,
+        sdn_max_scale=8, sdn_nfeat_0=8, sdn_nfeat_diff=0, sdn_num_dirs=2, mixtures=2, seed=0, hflip=False,
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> HVAEConfig:
+    """The preset ``name``, optionally with some fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown HVAE config {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -212,3 +304,21 @@ def _init_and_weight_norm(model: nn.Module) -> None:
             if not module.weight.is_meta:
                 nn.init.orthogonal_(module.weight)
             weight_norm(module, "weight", dim=1 if isinstance(module, nn.ConvTranspose2d) else 0)
+
+
+def build_hvae(config: HVAEConfig, blocks: str, device: torch.device | str | None = None) -> HierarchicalVAE:
+    """The HVAE with the top-down blocks registered as ``blocks`` (``sdn.models.blocks.register_blocks``).
+
+    The initial weights depend only on ``config.seed``; torch's global RNG is left untouched.
+    ``device="meta"`` builds without allocating memory (for parameter counts).
+    """
+    if not isinstance(config, HVAEConfig):
+        raise ValueError(f"config must be an HVAEConfig, got {type(config).__name__}")
+    make_factory = block_builder(blocks)
+    where = torch.device(device) if device is not None else None
+    forked = [where.index or 0] if where is not None and where.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(config.seed)
+        factory = make_factory(config)
+        with where if where is not None else nullcontext():
+            return HierarchicalVAE(config, factory)

@@ -2,25 +2,21 @@
 
 Both map decoder outputs (one parameter per pixel channel) and uint8 images to per-image
 log-likelihoods in nats, and can sample / take the mode. The discretized *mixture* of logistics
-used by the density model lives in ``sdn/likelihoods.py``; this module is deliberately
-single-component and self-contained.
+used by the density model lives in ``sdn/likelihoods.py``, which also holds the bin maths both use
+(``discretized_logistic_bins``); this module is deliberately single-component.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdn.likelihoods import discretized_logistic_bins
+
 NUM_BINS = 256  # 8-bit pixels
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(-x)) for x > 0, stable for small and large x (Maechler 2012)."""
-    return torch.where(x < math.log(2.0), torch.log(-torch.expm1(-x)), torch.log1p(-torch.exp(-x)))
 
 
 def uint8_to_centered(images: torch.Tensor, num_bins: int = NUM_BINS) -> torch.Tensor:
@@ -35,23 +31,12 @@ def discretized_logistic_log_prob(
 
     ``x`` holds bin centres in [-0.5, 0.5] (spacing 1/(num_bins-1)). Bin k covers
     [x_k - h, x_k + h] with h = 1/(2(num_bins-1)); the first bin takes the whole lower tail and the
-    last bin the whole upper tail, so the probabilities of all bins sum to exactly one.
-    Interior bins use the exact identity
-    sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(-(a - b))),
-    which stays accurate in both tails (no cancellation, no epsilon fudge).
+    last bin the whole upper tail, so the probabilities of all bins sum to exactly one
+    (``sdn.likelihoods.discretized_logistic_bins``).
     """
     half_bin = 0.5 / (num_bins - 1)
-    inv_scale = torch.exp(-log_scale)
-    centred = x - mean
-    plus_in = (centred + half_bin) * inv_scale  # a: standardized upper bin edge
-    min_in = (centred - half_bin) * inv_scale  # b: standardized lower bin edge
-    log_cdf_plus = F.logsigmoid(plus_in)  # log sigmoid(a): lower tail up to the upper edge
-    log_sf_min = F.logsigmoid(-min_in)  # log(1 - sigmoid(b)): upper tail from the lower edge
-    width = (2.0 * half_bin) * inv_scale  # a - b > 0
-    log_interior = log_cdf_plus + log_sf_min + _log1mexp(width)
-    lowest = x < -0.5 + half_bin
-    highest = x > 0.5 - half_bin
-    return torch.where(lowest, log_cdf_plus, torch.where(highest, log_sf_min, log_interior))
+    return discretized_logistic_bins(x - mean, torch.exp(-log_scale), half_bin,
+                                     x < -0.5 + half_bin, x > 0.5 - half_bin)
 
 
 def _check_images(images: torch.Tensor, params: torch.Tensor) -> None:

@@ -13,12 +13,13 @@ Carlo estimate), and the discretized logistic gives the edge bins the CDF tails 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from sdn._config import ConfigBase, FiniteFloat, NonNegInt, OneOf, PositiveInt, config_dataclass
 from sdn.models.vae_likelihoods import build_likelihood
 
 IMAGE_SIZE = 64
@@ -28,63 +29,39 @@ _DECODER_BLOCKS = ((64, 64, 8), (64, 32, 16), (32, 32, 32), (32, None, 64))
 _TOP_CHANNELS, _TOP_SIZE = 64, 4
 
 
-@dataclass(frozen=True)
-class VAEConfig:
-    """Architecture, objective and (for the trainer / pipelines) optimisation settings of the VAE."""
+@config_dataclass
+class VAEConfig(ConfigBase):
+    """Architecture and objective of the VAE, and the seed of its initial weights (optimisation
+    settings are the trainer's, ``sdn.training.TrainConfig``)."""
 
-    channels: int = 3
-    z_dim: int = 10
-    likelihood: str = "logistic"  # "logistic" (RGB, 256 bins) | "bernoulli" (binary 0/255 data)
-    beta: float = 1.0
-    beta_anneal_steps: int = 0  # 0: constant beta; N > 0: beta * min(1, step / N)
-    sdn_scales: tuple[int, ...] = (32,)  # decoder block output scales replaced by SDN (sdn decoder only)
-    sdn_directions: tuple[str, ...] = ("left_right",)
-    sdn_features: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.channels, int) and self.channels >= 1):
-            raise ValueError(f"channels must be a positive int, got {self.channels!r}")
-        if not (isinstance(self.z_dim, int) and self.z_dim >= 1):
-            raise ValueError(f"z_dim must be a positive int, got {self.z_dim!r}")
-        if self.likelihood not in ("logistic", "bernoulli"):
-            raise ValueError(f"likelihood must be 'logistic' or 'bernoulli', got {self.likelihood!r}")
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
-        if not (isinstance(self.beta_anneal_steps, int) and self.beta_anneal_steps >= 0):
-            raise ValueError(f"beta_anneal_steps must be a non-negative int, got {self.beta_anneal_steps!r}")
-        valid_scales = {b[2] for b in _DECODER_BLOCKS}
-        if not set(self.sdn_scales) <= valid_scales:
-            raise ValueError(f"sdn_scales must be a subset of {sorted(valid_scales)}, got {self.sdn_scales!r}")
-        if not self.sdn_directions or not set(self.sdn_directions) <= set(_DIRECTIONS):
-            raise ValueError(
-                f"sdn_directions must be a non-empty sequence of {_DIRECTIONS}, got {self.sdn_directions!r}"
-            )
-        if not (isinstance(self.sdn_features, int) and self.sdn_features >= 1):
-            raise ValueError(f"sdn_features must be a positive int, got {self.sdn_features!r}")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+    channels: PositiveInt = 3
+    z_dim: PositiveInt = 10
+    likelihood: Annotated[str, OneOf("logistic", "bernoulli")] = "logistic"  # RGB 256 bins | binary 0/255 data
+    beta: Annotated[FiniteFloat, Field(ge=0)] = 1.0
+    beta_anneal_steps: NonNegInt = 0  # 0: constant beta; N > 0: beta * min(1, step / N)
+    # decoder block output scales replaced by SDN (sdn decoder only); a list becomes a tuple
+    sdn_scales: Annotated[tuple[Annotated[int, OneOf(*(b[2] for b in _DECODER_BLOCKS))], ...], Field(strict=False)] = (32,)
+    sdn_directions: Annotated[tuple[Annotated[str, OneOf(*_DIRECTIONS)], ...], Field(strict=False, min_length=1)] = (
+        "left_right",
+    )
+    sdn_features: PositiveInt = 200
+    seed: NonNegInt = 1234
 
 
-VAE_CONFIGS: dict[str, VAEConfig] = {
-    # Paper setting (3DShapes, 64x64 RGB): z=10, batch 128, Adamax lr 1e-3, beta=1, seed 1234.
+PRESETS: dict[str, VAEConfig] = {
+    # Paper setting (3DShapes, 64x64 RGB): z=10, beta=1, seed 1234 (Adamax lr 1e-3, batch 128: the
+    # train section of params-paper.yaml).
     "shapes3d": VAEConfig(),
     # CPU-sized setting for the embedded procedural dSprites (1 channel, binary): a narrower SDN.
-    "embedded": VAEConfig(channels=1, likelihood="bernoulli", sdn_features=32, batch_size=64),
+    "embedded": VAEConfig(channels=1, likelihood="bernoulli", sdn_features=32),
 }
 
 
-def get_vae_config(name: str, **overrides) -> VAEConfig:
-    """The named config (``"shapes3d"`` or ``"embedded"``), with optional field overrides."""
-    if name not in VAE_CONFIGS:
-        raise ValueError(f"unknown VAE config {name!r}; expected one of {sorted(VAE_CONFIGS)}")
-    return replace(VAE_CONFIGS[name], **overrides)
+def get_config(name: str, **overrides) -> VAEConfig:
+    """The preset ``name`` (``"shapes3d"`` or ``"embedded"``), with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown VAE config {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
 def _encoder(channels: int, z_dim: int) -> nn.Sequential:
@@ -260,7 +237,3 @@ def build_vanilla_vae(config: VAEConfig, decoder: str = "cnn") -> VanillaVAE:
         torch.manual_seed(config.seed)
         return VanillaVAE(config, decoder)
 
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
