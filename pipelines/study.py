@@ -2,8 +2,8 @@
 
 ``load_study(path)`` validates the whole params file once (``pipelines.params``); the stage scripts
 then ask the returned :class:`Study` for resolved configs instead of reading the raw mapping.
-Paths are not here: dvc.yaml passes every stage its directories (``run_stage``), and ``RunPaths``
-only names the files of one seed inside them.
+Paths are not here: dvc.yaml passes every stage its directories (``run_stage``), and
+``pipelines.runs.RunPaths`` only names the files of one seed inside them.
 """
 
 from __future__ import annotations
@@ -19,84 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from pipelines.families import Family, families
+from pipelines.runs import Run, RunPaths, StageDirs
 from pipelines.params import PRECISION_KEY, Params, StudyError, library_config, load_params, tuples
 from pipelines.params import validate as validate_params
 
 __all__ = ["Run", "RunPaths", "Study", "StudyError", "load_study", "validate", "run_stage", "run_side_by_side"]
-
-
-@dataclass(frozen=True)
-class Run:
-    """One (family, dataset, model, seed) entry of the study."""
-
-    family: str
-    dataset: str
-    model: str
-    seed: int
-
-    @property
-    def stage_suffix(self) -> str:
-        """The DVC matrix suffix of this run's stages (one stage per model handles every seed)."""
-        return f"{self.dataset}-{self.model}"
-
-
-@dataclass(frozen=True)
-class StageDirs:
-    """The paths dvc.yaml gives one per-model stage (None: the stage does not use that kind)."""
-
-    models: Optional[Path] = None  # checkpoints and evaluation weights (DVC cache)
-    samples: Optional[Path] = None  # sample grids, reconstructions (DVC cache)
-    train_metrics: Optional[Path] = None  # DVC metrics (git)
-    curves: Optional[Path] = None  # DVC plots (git)
-    eval_metrics: Optional[Path] = None
-    fid_metrics: Optional[Path] = None
-    reference: Optional[Path] = None  # the dataset's FID reference statistics file (fid_stats stage)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """The files of one seed inside its stage's directories."""
-
-    dirs: StageDirs
-    seed: int
-
-    def _in(self, directory: Optional[Path], name: str) -> Path:
-        if directory is None:
-            raise ValueError(f"this stage was given no directory for {name}")
-        return directory / name
-
-    @property
-    def model_dir(self) -> Path:
-        return self._in(self.dirs.models, f"seed{self.seed}")
-
-    @property
-    def weights(self) -> Path:
-        """The weights evaluation uses (the selected EMA weights), saved by the train stage."""
-        return self.model_dir / "eval_weights.pt"
-
-    @property
-    def samples(self) -> Path:
-        return self._in(self.dirs.samples, f"seed{self.seed}.png")
-
-    @property
-    def reconstructions(self) -> Path:
-        return self._in(self.dirs.samples, f"seed{self.seed}_reconstructions.png")
-
-    @property
-    def train_metrics(self) -> Path:
-        return self._in(self.dirs.train_metrics, f"seed{self.seed}.json")
-
-    @property
-    def curve(self) -> Path:
-        return self._in(self.dirs.curves, f"seed{self.seed}.csv")
-
-    @property
-    def eval_metrics(self) -> Path:
-        return self._in(self.dirs.eval_metrics, f"seed{self.seed}.json")
-
-    @property
-    def fid_metrics(self) -> Path:
-        return self._in(self.dirs.fid_metrics, f"seed{self.seed}.json")
 
 
 @dataclass(frozen=True)
@@ -255,17 +182,6 @@ class Study:
             **{k: self.params[run.family][run.dataset][k] for k in ("eval", "metrics", "samples")
                if k in self.params[run.family][run.dataset]},
         }
-
-
-def results_paths(results: Path, run: Run) -> RunPaths:
-    """The files of ``run`` under a study's results folder, as dvc.yaml lays the stages' outputs out
-    (``<results>/<kind>/<dataset>/<model>/``; tests/test_study_params.py checks it against dvc.yaml)."""
-    def under(*kind: str) -> Path:
-        return Path(results, *kind, run.dataset, run.model)
-
-    return RunPaths(StageDirs(models=under("models"), samples=under("samples"),
-                              train_metrics=under("metrics", "train"), curves=under("curves"),
-                              eval_metrics=under("metrics", "eval"), fid_metrics=under("metrics", "fid")), run.seed)
 
 
 def validate(raw: Mapping[str, Any]) -> Study:

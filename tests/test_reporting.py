@@ -136,7 +136,8 @@ def test_build_report_from_metrics_files(tmp_path):
 
     import yaml
 
-    from pipelines.study import results_paths, validate
+    from pipelines.runs import results_paths
+    from pipelines.study import validate
 
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "params.yaml").read_text())

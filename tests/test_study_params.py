@@ -312,7 +312,7 @@ def test_a_prepared_folder_built_with_other_options_is_refused_not_rewritten(tmp
 def test_the_report_reads_the_runs_where_dvc_yaml_puts_them(embedded):
     """dvc.yaml names every stage's folders; the report finds each run's files under the study's
     results folder with ``results_paths``, which must be the same layout."""
-    from pipelines.study import results_paths
+    from pipelines.runs import results_paths
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     s = validate(embedded)

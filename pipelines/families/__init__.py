@@ -17,7 +17,7 @@ EVAL_SEED = 0  # every model is scored with the same seed (disentanglement_lib d
 
 if TYPE_CHECKING:
     from pipelines.reporting import FamilyReport
-    from pipelines.study import Run, RunPaths, Study
+    from pipelines.runs import Run, RunPaths
 
 
 class Family:
@@ -48,15 +48,15 @@ class Family:
         """The untrained model, initialised from ``config.seed`` (``device="meta"``: no memory)."""
         raise NotImplementedError
 
-    def validation_fn(self, study: "Study", run: "Run") -> Optional[Callable[[nn.Module], dict[str, float]]]:
+    def validation_fn(self, study: Any, run: "Run") -> Optional[Callable[[nn.Module], dict[str, float]]]:
         """The trainer's ``eval_fn`` (validation scores on the curve, for ``keep_best``), or None."""
         return None
 
-    def write_extras(self, study: "Study", run: "Run", model: nn.Module, paths: "RunPaths") -> list[Path]:
+    def write_extras(self, study: Any, run: "Run", model: nn.Module, paths: "RunPaths") -> list[Path]:
         """Outputs of a finished training run besides samples and metrics (logged as artifacts)."""
         return []
 
-    def evaluate(self, study: "Study", run: "Run", model: nn.Module, device: Any) -> dict[str, Any]:
+    def evaluate(self, study: Any, run: "Run", model: nn.Module, device: Any) -> dict[str, Any]:
         """The test metrics of a trained model."""
         raise NotImplementedError
 

@@ -17,7 +17,8 @@ from pipelines.provenance import package_versions
 from pipelines.reporting import Records
 from pipelines.reporting.claims import claims_section
 from pipelines.reporting.figures import copy_grid
-from pipelines.study import Study, results_paths, validate
+from pipelines.runs import results_paths
+from pipelines.study import Study, validate
 
 PAPER_FID_SAMPLES = 50_000
 
