@@ -2,8 +2,8 @@
 
 The network, its TF1-compatible bilinear resize to 299x299 and the 2048-d pool3 features are
 torch-fidelity's (``FeatureExtractorInceptionV3``, registered as ``inception-v3-compat``); weights are
-only ever read from a local file here (the ``download_fid_weights`` stage, ``pipelines/download.py
---fid-weights``, fetches and verifies that file). The Frechet distance follows pytorch-fid's
+only ever read from a local file here (the caller fetches and verifies it; ``sdn.data.download``
+can, with the file's sha256 prefix). The Frechet distance follows pytorch-fid's
 conventions (float64, ``scipy.linalg.sqrtm``, ``eps * I`` offset for singular products). KID is
 torch-fidelity's ``kid_features_to_metric`` (unbiased MMD^2 with the kernel ``(x.y / d + 1)^3``,
 averaged over random subsets) on the same features: all generated samples against the reference
@@ -79,8 +79,8 @@ def load_inception(
     path = Path(weights_path).expanduser()
     if not path.exists():
         raise InceptionWeightsUnavailable(
-            f"no network: {path} not found (this study does not download the FID Inception weights: "
-            "run `python pipelines/download.py --fid-weights` where there is network, or copy the file there)"
+            f"no network: {path} not found (the FID Inception weights are not downloaded here: fetch them "
+            "where there is network, or copy the file to this path)"
         )
     if not path.is_file():
         raise InvalidInceptionWeights(f"{path}: Inception weights path is not a file")
@@ -340,7 +340,7 @@ def compute_fid(
     kid: dict[str, Any] = {"kid_subsets": kid_subsets, "kid_subset_size_requested": kid_subset_size,
                            "kid_seed": kid_seed, "kid_reference": reference.describe_features()}
     if keep is None:
-        kid["kid_reason"] = "the reference statistics file has no KID features (recompute it with pipelines/fid_stats.py)"
+        kid["kid_reason"] = "the reference statistics file has no KID features (recompute it with num_features > 0)"
     else:
         size = min(kid_subset_size, count, len(reference.features))
         if size < 2:
