@@ -120,15 +120,22 @@ class Study:
         return data
 
     def prepared(self, dataset: str, split: str):
-        """The prepared ``split`` of ``dataset`` as built (no hold-out), with the params' options."""
-        from sdn.data import DATASETS, get_dataset
+        """The prepared ``split`` of ``dataset`` as built (no hold-out), with the params' options.
+
+        A damaged prepared folder (a file cut short, a corrupt meta.json) raises the library's
+        ``PreparedDataError`` naming the file, with the DVC command that rebuilds it added."""
+        from sdn.data import DATASETS, PreparedDataError, get_dataset
 
         info = DATASETS[dataset]
         options = dict(self.validated.data[dataset].options) if info.embedded else {}
         root = self.data_dirs.get(dataset)
         if root is None and not info.embedded:
             raise StudyError(f"{dataset} is read from its prepared folder: pass --data <the prepare stage's output>")
-        return get_dataset(dataset, split, root=root, **options)
+        try:
+            return get_dataset(dataset, split, root=root, **options)
+        except PreparedDataError as error:
+            stage = f"prepare_embedded@{dataset}" if info.embedded else f"prepare@{dataset}"
+            raise error.with_hint(f"rebuild it with: dvc repro -f {stage}") from error
 
     def ground_truth(self, dataset: str):
         """The ``GroundTruthData`` of a factor dataset, for the disentanglement metrics."""

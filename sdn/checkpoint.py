@@ -2,6 +2,12 @@
 
 A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``) holding the model, EMA,
 optimizer and scheduler states, every rank's RNG states and the data position (epoch, batch index).
+
+A run's directory holds the newest checkpoint (``checkpoint.pt``) and, while the run is unfinished,
+the one before it (``checkpoint.prev.pt``): :func:`save_checkpoint` writes the new file completely
+(fsynced) before it rotates the old one to ``.prev``, so a crash or a truncated file never loses
+both. A file that cannot be read raises :class:`CorruptCheckpointError` naming it; the trainer then
+falls back to the previous checkpoint (``sdn.training``).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -20,12 +27,36 @@ import torch
 from torch import nn
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"
 FORMAT_VERSION = 1
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated or corrupt); ``path`` names it."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        try:
+            size = f"{self.path.stat().st_size} bytes"
+        except OSError:
+            size = "size unknown"
+        super().__init__(f"checkpoint {self.path} is truncated or corrupt ({size}): {reason}")
+
+
 def checkpoint_file(checkpoint_dir: str | os.PathLike[str]) -> Path:
-    """The path of the (single, always latest) checkpoint in ``checkpoint_dir``."""
+    """The path of the newest checkpoint in ``checkpoint_dir``."""
     return Path(checkpoint_dir) / CHECKPOINT_NAME
+
+
+def previous_checkpoint_file(checkpoint_dir: str | os.PathLike[str]) -> Path:
+    """The path of the checkpoint before the newest (kept while a run is unfinished)."""
+    return Path(checkpoint_dir) / PREVIOUS_NAME
+
+
+def has_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``checkpoint_dir`` holds a checkpoint file (newest or previous) to resume from."""
+    return checkpoint_file(checkpoint_dir).is_file() or previous_checkpoint_file(checkpoint_dir).is_file()
 
 
 def config_fingerprint(config: Any) -> str:
@@ -52,9 +83,13 @@ def remove_other_checkpoints(keep: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+def atomic_save(obj: Any, path: str | os.PathLike[str], previous: str | os.PathLike[str] | None = None) -> Path:
     """``torch.save`` to a temporary file in the same directory, fsync, then ``os.replace``, so a
-    crash mid-write never leaves a truncated checkpoint at ``path``."""
+    crash mid-write never leaves a truncated checkpoint at ``path``.
+
+    With ``previous``, an existing ``path`` is first moved there (after the new file is complete),
+    so the directory always holds at least one whole checkpoint.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -63,19 +98,35 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if previous is not None and path.is_file():
+            os.replace(path, previous)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    try:  # persist the rename itself
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)  # persist the renames themselves
+    return path
+
+
+def save_checkpoint(state: dict[str, Any], checkpoint_dir: str | os.PathLike[str], finished: bool = False) -> Path:
+    """Write ``state`` as the newest checkpoint of ``checkpoint_dir``, keeping the one it replaces
+    as ``checkpoint.prev.pt``; a ``finished`` run keeps only its final checkpoint."""
+    path = atomic_save(state, checkpoint_file(checkpoint_dir), previous=previous_checkpoint_file(checkpoint_dir))
+    if finished:
+        previous_checkpoint_file(checkpoint_dir).unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
         pass
-    return path
 
 
 def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -109,13 +160,25 @@ def restore_rng_state(state: dict[str, Any], device: torch.device | None = None)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint dict onto the CPU (``weights_only``), checking its format version."""
+    """Load a checkpoint dict onto the CPU (``weights_only``), checking its format version.
+
+    ``path`` is a file or a run directory (its newest checkpoint, no fallback). Raises
+    FileNotFoundError when there is none, :class:`CorruptCheckpointError` naming a file that
+    cannot be read (truncated, corrupt) and ValueError for a file that is no training checkpoint.
+    """
     path = Path(path)
     if path.is_dir():
         path = checkpoint_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, FileNotFoundError):
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError, OSError) as error:
+        text = str(error).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else "unexpected end of file"
+        raise CorruptCheckpointError(path, f"{type(error).__name__}: {first}") from error
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a version-{FORMAT_VERSION} training checkpoint of sdn.training")
     return state

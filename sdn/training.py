@@ -4,6 +4,12 @@ One ``seed`` drives everything (Python, NumPy, torch, DataLoader workers, the da
 runs of one config on CPU give bit-identical results, and a run killed after a checkpoint and
 resumed gives the same result as an uninterrupted one. Launch with ``torchrun`` for multi-GPU; the
 global batch is split into equal per-rank slices, so the result matches a single-process run.
+
+Faults lose nothing: the newest checkpoint and the one before it are kept (``sdn.checkpoint``); a
+truncated or corrupt checkpoint (or ``best.pt``) is named in a warning and the run continues from
+the previous good checkpoint, or, when none is good, restarts from step 0 (again with a warning),
+each time ending bit-identical to an uninterrupted run. A failed run leaves either its last good
+checkpoint or no checkpoint folder at all.
 """
 
 from __future__ import annotations
@@ -29,11 +35,15 @@ from sdn._config import ConfigBase, FiniteFloat, NonNegInt, OneOf, PositiveInt, 
 from sdn.callbacks import Callback, CallbackList
 from sdn.checkpoint import (
     FORMAT_VERSION,
+    CorruptCheckpointError,
     atomic_save,
     capture_rng_state,
     checkpoint_file,
+    has_checkpoint,
+    previous_checkpoint_file,
     read_checkpoint,
     restore_rng_state,
+    save_checkpoint,
 )
 from sdn.distributed import (
     DEVICES,
@@ -203,7 +213,11 @@ def train(
     ``(image_uint8, factors)``) for ``config.steps`` optimizer steps.
 
     With ``resume`` and a checkpoint in ``checkpoint_dir``, training continues from it; if that
-    checkpoint is already at ``config.steps`` nothing is trained. Under torchrun every rank calls
+    checkpoint is already at ``config.steps`` nothing is trained. An unreadable newest checkpoint
+    is reported (warning naming the file), removed, and the previous one used; with no usable
+    checkpoint the run starts from step 0. ``resume=False`` removes the directory's checkpoints.
+    When the run fails (e.g. :class:`NonFiniteLossError`) before any checkpoint was written, a
+    ``checkpoint_dir`` this call created is removed again if empty. Under torchrun every rank calls
     this; ``checkpoint_dir`` must then be on a filesystem all ranks see. ``eval_fn(model)`` (rank 0,
     no grad, eval mode, fixed seed per step) gets the EMA model every ``config.eval_every`` steps.
     """
@@ -229,14 +243,30 @@ def train(
     if not ctx.is_main:
         hooks = CallbackList()
     decay_every = config.lr_decay_every or steps_per_epoch
-    ckpt_path = checkpoint_file(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_path = checkpoint_file(ckpt_dir) if ckpt_dir is not None else None
+    created_dir = ckpt_dir is not None and not ckpt_dir.exists()
+    try:
+        return _train(model, train_dataset, config, ckpt_dir, ckpt_path, hooks, resume, eval_fn, ctx,
+                      num_samples, steps_per_epoch, decay_every)
+    except BaseException:
+        if ctx.is_main and ckpt_dir is not None:
+            _discard_unresumable(ckpt_dir, created_dir)
+        raise
+
+
+def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkpoint_dir: Path | None,
+           ckpt_path: Path | None, hooks: CallbackList, resume: bool,
+           eval_fn: Callable[[nn.Module], Mapping[str, float]] | None, ctx: DistContext,
+           num_samples: int, steps_per_epoch: int, decay_every: int) -> TrainResult:
+    """The body of :func:`train` once the arguments are checked and the process group is up."""
     device = ctx.device
     channels_last = config.channels_last and device.type == "cuda"
     seed_everything(rank_seed(config.seed, ctx.rank), deterministic=config.deterministic)
     if not config.deterministic:
         torch.use_deterministic_algorithms(False)
 
-    state = _resume_state(ckpt_path, resume, config, num_samples, ctx)
+    state, resumed_from = _resume_state(checkpoint_dir, resume, config, num_samples, ctx)
     start_step = state["step"] if state else 0
     model.to(device)
     if channels_last:
@@ -245,7 +275,7 @@ def train(
         model.load_state_dict(state["model"])
     best = state.get("best") if state else None
     if state and start_step == config.steps:
-        log.info("checkpoint %s is already at step %d: nothing to train", ckpt_path, start_step)
+        log.info("checkpoint %s is already at step %d: nothing to train", resumed_from, start_step)
         ema = _make_ema(model, config, state)
         return TrainResult(dict(state["metrics"]), start_step, model, ema.module if ema else None,
                            state["eval_metrics"], ckpt_path, start_step, best,
@@ -272,7 +302,7 @@ def train(
             scaler.load_state_dict(state["scaler"])
         window, metrics, eval_metrics = state["window"], dict(state["metrics"]), state["eval_metrics"]
         _restore_rank_rng(state["rng"], config.seed, start_step, ctx)
-        log.info("resuming from %s at step %d", ckpt_path, start_step)
+        log.info("resuming from %s at step %d", resumed_from, start_step)
 
     hooks.on_train_start({
         "start_step": start_step, "steps": config.steps, "config": config.to_dict(),
@@ -475,11 +505,12 @@ def _save(path: Path, step: int, steps_per_epoch: int, finished: bool, model: nn
           window: Mapping[str, Any], metrics: Mapping[str, float], eval_metrics: Mapping[str, float] | None,
           best: Mapping[str, Any] | None, config: TrainConfig,
           num_samples: int, ctx: DistContext, hooks: CallbackList) -> None:
-    """Gather every rank's RNG state; rank 0 writes the checkpoint atomically."""
+    """Gather every rank's RNG state; rank 0 writes the checkpoint atomically, keeping the one it
+    replaces as the previous checkpoint until the run is finished."""
     rng = all_gather_objects(capture_rng_state(ctx.device), ctx)
     if ctx.is_main:
         epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-        atomic_save({
+        save_checkpoint({
             "format_version": FORMAT_VERSION,
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "finished": finished,
             "model": model.state_dict(),
@@ -490,36 +521,103 @@ def _save(path: Path, step: int, steps_per_epoch: int, finished: bool, model: nn
             "rng": rng, "window": dict(window), "metrics": dict(metrics),
             "eval_metrics": dict(eval_metrics) if eval_metrics is not None else None,
             "config": config.to_dict(), "num_samples": num_samples, "world_size": ctx.world_size,
-        }, path)
+        }, path.parent, finished=finished)
         hooks.on_checkpoint(step, path)
 
 
-def _resume_state(path: Path | None, resume: bool, config: TrainConfig, num_samples: int,
-                  ctx: DistContext) -> dict[str, Any] | None:
-    """The checkpoint to resume from (validated against ``config``), or None for a fresh start."""
-    state = None
-    if path is not None and path.is_file():
-        if resume:
-            state = read_checkpoint(path)
-        elif ctx.is_main:
-            log.warning("resume=False: the checkpoint %s will be overwritten by a fresh run", path)
+def _resume_state(checkpoint_dir: Path | None, resume: bool, config: TrainConfig, num_samples: int,
+                  ctx: DistContext) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to resume from (validated against ``config``) and its path, or (None, None)
+    for a fresh start.
+
+    The newest checkpoint is tried first, then the previous one; a file that cannot be read (or
+    whose ``best.pt`` is unusable) is skipped with a warning naming it. Rank 0 then removes what
+    cannot be resumed: the skipped files, and with no usable checkpoint (or ``resume=False``) every
+    checkpoint file and ``best.pt``, so later rotations never keep a bad file as the fallback.
+    """
+    state, path, found, rejected = None, None, [], []
+    if checkpoint_dir is not None:
+        found = [p for p in (checkpoint_file(checkpoint_dir), previous_checkpoint_file(checkpoint_dir)) if p.is_file()]
+    if resume:
+        for candidate in found:
+            try:
+                loaded = read_checkpoint(candidate)
+            except CorruptCheckpointError as error:
+                rejected.append((candidate, str(error)))
+                continue
+            problem = _best_problem(candidate.parent, loaded)
+            if problem is not None:
+                rejected.append((candidate, f"{candidate} cannot be resumed: {problem}"))
+                continue
+            state, path = loaded, candidate
+            break
     steps_seen = all_gather_objects(state["step"] if state else None, ctx)
     if len(set(steps_seen)) > 1:
         raise RuntimeError(f"ranks found different checkpoints (steps {steps_seen}); "
                            "checkpoint_dir must be on a filesystem every rank sees")
-    if state is None:
+    if state is not None:
+        saved = state["config"]
+        mismatched = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(config, k)!r}"
+                      for k in _RESUME_FIELDS if saved.get(k) != getattr(config, k)]
+        if state["num_samples"] != num_samples:
+            mismatched.append(f"dataset size: checkpoint {state['num_samples']} vs {num_samples}")
+        if mismatched:
+            raise ValueError(f"cannot resume from {path}, it was written by a different run ("
+                             + "; ".join(mismatched) + "); use a new checkpoint_dir or resume=False")
+        if state["step"] > config.steps:
+            raise ValueError(f"checkpoint {path} is at step {state['step']}, beyond TrainConfig.steps={config.steps}")
+    if ctx.is_main and checkpoint_dir is not None:
+        reasons = "; ".join(reason for _, reason in rejected)
+        if found and not resume:
+            log.warning("resume=False: the checkpoints in %s are removed, a fresh run starts", checkpoint_dir)
+            _remove_checkpoints(checkpoint_dir)
+        elif rejected and state is None:
+            log.warning("no usable checkpoint in %s (%s): training restarts from step 0", checkpoint_dir, reasons)
+            _remove_checkpoints(checkpoint_dir)
+        elif rejected:
+            log.warning("%s: falling back to the previous checkpoint %s at step %d", reasons, path, state["step"])
+            for bad, _ in rejected:
+                bad.unlink(missing_ok=True)
+    barrier(ctx)  # no rank reads the directory again before rank 0 has tidied it
+    return state, path
+
+
+def _best_problem(checkpoint_dir: Path, state: Mapping[str, Any]) -> str | None:
+    """Why ``state`` cannot be resumed for lack of its ``best.pt`` (None when it can): the file must
+    hold the selected step's weights, or (mid-run) a later step's, which the resumed run rewrites."""
+    best = state.get("best")
+    if best is None:
         return None
-    saved = state["config"]
-    mismatched = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(config, k)!r}"
-                  for k in _RESUME_FIELDS if saved.get(k) != getattr(config, k)]
-    if state["num_samples"] != num_samples:
-        mismatched.append(f"dataset size: checkpoint {state['num_samples']} vs {num_samples}")
-    if mismatched:
-        raise ValueError(f"cannot resume from {path}, it was written by a different run ("
-                         + "; ".join(mismatched) + "); use a new checkpoint_dir or resume=False")
-    if state["step"] > config.steps:
-        raise ValueError(f"checkpoint {path} is at step {state['step']}, beyond TrainConfig.steps={config.steps}")
-    return state
+    path = checkpoint_dir / BEST_NAME
+    if not path.is_file():
+        return f"{path} (the weights of the selected step {best['step']}) is missing"
+    try:
+        saved = read_checkpoint(path)
+    except (CorruptCheckpointError, ValueError) as error:
+        return str(error)
+    step = saved.get("step")
+    if step == best["step"] or (not state["finished"] and isinstance(step, int) and step > state["step"]):
+        return None
+    return f"{path} holds the weights of step {step}, not those of the selected step {best['step']}"
+
+
+def _remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Delete the trainer's files in ``checkpoint_dir``: both checkpoints and ``best.pt``."""
+    for path in (checkpoint_file(checkpoint_dir), previous_checkpoint_file(checkpoint_dir), checkpoint_dir / BEST_NAME):
+        path.unlink(missing_ok=True)
+
+
+def _discard_unresumable(checkpoint_dir: Path, created: bool) -> None:
+    """After a failed run: with no checkpoint to resume from, drop ``best.pt`` (a fresh start
+    rewrites it) and, if this run created ``checkpoint_dir`` and it is now empty, the directory."""
+    if not checkpoint_dir.is_dir() or has_checkpoint(checkpoint_dir):
+        return
+    (checkpoint_dir / BEST_NAME).unlink(missing_ok=True)
+    if created:
+        try:
+            checkpoint_dir.rmdir()
+        except OSError:  # not empty: files of callbacks (e.g. a curve) stay
+            pass
 
 
 def _restore_rank_rng(rng: list[dict[str, Any]], seed: int, step: int, ctx: DistContext) -> None:

@@ -25,7 +25,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sdn.callbacks import Callback, CallbackList, CurveWriter
-from sdn.checkpoint import atomic_save, capture_rng_state, load_checkpoint, read_checkpoint, restore_rng_state
+from sdn.checkpoint import (
+    CorruptCheckpointError,
+    atomic_save,
+    capture_rng_state,
+    load_checkpoint,
+    read_checkpoint,
+    remove_other_checkpoints,
+    restore_rng_state,
+    run_checkpoint_dir,
+)
 from sdn.distributed import ShardedBatchSampler, derive_seed, epoch_permutation
 from sdn.ema import ExponentialMovingAverage
 from sdn.training import NonFiniteLossError, TrainConfig, train
@@ -258,6 +267,13 @@ def test_atomic_save_keeps_old_file_when_write_fails(tmp_path):
         atomic_save({"a": lambda: None}, path)  # unpicklable: fails mid-write
     assert torch.equal(torch.load(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    # rotating: the old file moves to `previous` only once the new one is complete
+    atomic_save({"a": torch.full((2,), 2.0)}, path, previous=tmp_path / "c.prev.pt")
+    with pytest.raises(Exception):
+        atomic_save({"a": lambda: None}, path, previous=tmp_path / "c.prev.pt")
+    assert torch.equal(torch.load(path)["a"], torch.full((2,), 2.0))
+    assert torch.equal(torch.load(tmp_path / "c.prev.pt")["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.prev.pt", "c.pt"]
 
 
 # ----------------------------------------------------------------------------- optimiser maths
@@ -404,6 +420,165 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     assert_same_params(restored, clean.model)
     assert load_checkpoint(tmp_path / "nan", restored)["used_ema"]
     assert_same_params(restored, clean.ema_model)
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut ``path`` short, as a full disk or an interrupted copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_nan_loss_leaves_the_last_good_checkpoint_or_no_folder(tmp_path):
+    # before the first checkpoint: no folder at all (not an empty one)
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        train(fresh_model(nan_at_call=2), CountingDataset(24), config(steps=10, checkpoint_every=3), tmp_path / "early")
+    assert not (tmp_path / "early").exists()
+    # with keep_best, a best.pt written before the first checkpoint is not left behind either
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        train(fresh_model(nan_at_call=2), CountingDataset(24),
+              config(steps=10, checkpoint_every=3, eval_every=1, keep_best="elbo_bpd"), tmp_path / "best",
+              eval_fn=lambda m: {"elbo_bpd": 1.0})
+    assert not (tmp_path / "best").exists()
+    # after checkpoints: exactly the last good one (step 6) and the one before it
+    with pytest.raises(NonFiniteLossError, match="step 7"):
+        train(fresh_model(nan_at_call=7), CountingDataset(24), config(steps=10, checkpoint_every=3), tmp_path / "late")
+    assert sorted(p.name for p in (tmp_path / "late").iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    assert read_checkpoint(tmp_path / "late")["step"] == 6
+    assert read_checkpoint(tmp_path / "late" / "checkpoint.prev.pt")["step"] == 3
+    # a folder that existed before the run is never removed
+    (tmp_path / "given").mkdir()
+    with pytest.raises(NonFiniteLossError):
+        train(fresh_model(nan_at_call=2), CountingDataset(24), config(steps=10, checkpoint_every=3), tmp_path / "given")
+    assert (tmp_path / "given").is_dir() and not any((tmp_path / "given").iterdir())
+
+
+def test_checkpoints_rotate_two_deep_and_a_finished_run_keeps_one(tmp_path):
+    cfg = config(steps=10, checkpoint_every=3)
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "run", callbacks=[Kill(at=8)])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    assert [read_checkpoint(tmp_path / "run" / n)["step"] for n in ("checkpoint.pt", "checkpoint.prev.pt")] == [6, 3]
+    train(fresh_model(), CountingDataset(24), cfg, tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoint.pt"]  # as before this change
+    assert read_checkpoint(tmp_path / "run")["finished"]
+    # the train stage's clean-up of stale configurations keeps both files of the kept run
+    keep, stale = run_checkpoint_dir(tmp_path, {"lr": 1}), run_checkpoint_dir(tmp_path, {"lr": 2})
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, keep, callbacks=[Kill(at=8)])
+    train(fresh_model(), CountingDataset(24), config(steps=2), stale)
+    assert remove_other_checkpoints(keep) == [stale]
+    assert sorted(p.name for p in keep.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+
+
+def test_truncated_checkpoint_is_named_and_the_run_resumes_exactly_from_the_previous_one(tmp_path, caplog):
+    cfg = config(steps=10, checkpoint_every=3, log_every=1)
+    full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full",
+                 callbacks=[CurveWriter(tmp_path / "full.csv")])
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut",
+              callbacks=[CurveWriter(tmp_path / "cut.csv"), Kill(at=8)])
+    newest = tmp_path / "cut" / "checkpoint.pt"
+    truncate(newest)
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint .*cut/checkpoint\.pt is truncated or corrupt"):
+        read_checkpoint(tmp_path / "cut")
+
+    caplog.set_level("WARNING", logger="sdn.training")
+    resumed = train(fresh_model(init_seed=1), CountingDataset(24), cfg, tmp_path / "cut",
+                    callbacks=[CurveWriter(tmp_path / "cut.csv")])
+    assert str(newest) in caplog.text and "falling back to the previous checkpoint" in caplog.text
+    assert resumed.start_step == 3 and resumed.steps == 10
+    assert_same_params(full.model, resumed.model)
+    assert_same_params(full.ema_model, resumed.ema_model)
+    assert full.metrics == resumed.metrics
+    assert (tmp_path / "cut.csv").read_text() == (tmp_path / "full.csv").read_text()
+    assert [p.name for p in (tmp_path / "cut").iterdir()] == ["checkpoint.pt"]
+    full_ckpt, cut_ckpt = read_checkpoint(tmp_path / "full"), read_checkpoint(tmp_path / "cut")
+    assert cut_ckpt["step"] == full_ckpt["step"] == 10
+    for key in full_ckpt["model"]:
+        assert torch.equal(full_ckpt["model"][key], cut_ckpt["model"][key])
+
+
+def test_a_truncated_fallback_is_not_rotated_in_after_resuming(tmp_path):
+    # killed again right after resuming from the fallback: the directory holds only good checkpoints
+    cfg = config(steps=12, checkpoint_every=3)
+    full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full")
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[Kill(at=8)])
+    truncate(tmp_path / "cut" / "checkpoint.pt")
+    with pytest.raises(Kill.Killed):  # resumes at 3, writes 6, dies at 7
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[Kill(at=7)])
+    assert [read_checkpoint(tmp_path / "cut" / n)["step"] for n in ("checkpoint.pt", "checkpoint.prev.pt")] == [6, 3]
+    truncate(tmp_path / "cut" / "checkpoint.pt")
+    resumed = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut")
+    assert resumed.start_step == 3
+    assert_same_params(full.model, resumed.model)
+
+
+def test_no_usable_checkpoint_restarts_from_step_zero_with_a_message(tmp_path, caplog):
+    cfg = config(steps=10, checkpoint_every=3)
+    full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full")
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[Kill(at=8)])
+    truncate(tmp_path / "cut" / "checkpoint.pt")
+    (tmp_path / "cut" / "checkpoint.prev.pt").write_bytes(b"")
+    caplog.set_level("WARNING", logger="sdn.training")
+    again = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut")
+    assert "no usable checkpoint" in caplog.text and "restarts from step 0" in caplog.text
+    assert "checkpoint.pt" in caplog.text and "checkpoint.prev.pt" in caplog.text
+    assert again.start_step == 0
+    assert_same_params(full.model, again.model)
+    assert_same_params(full.ema_model, again.ema_model)
+    # a finished run whose only checkpoint is truncated is trained again, to the same result
+    truncate(tmp_path / "full" / "checkpoint.pt", 0.9)
+    redone = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full")
+    assert redone.start_step == 0
+    assert_same_params(full.model, redone.model)
+
+
+def test_truncated_best_weights_are_named_and_the_selection_is_recomputed(tmp_path, caplog):
+    curve = {2: 5.0, 4: 3.0, 6: 4.0, 8: 3.5, 10: 3.2}
+    current = {"step": 0}
+
+    class StepTracker(Callback):
+        def on_step_end(self, step, metrics):
+            current["step"] = step
+
+    def eval_fn(module):
+        return {"elbo_bpd": curve[current["step"]]}
+
+    cfg = config(steps=10, checkpoint_every=5, eval_every=2, keep_best="elbo_bpd")
+    full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full", callbacks=[StepTracker()],
+                 eval_fn=eval_fn)
+    with pytest.raises(Kill.Killed):  # checkpoint at step 5 selects step 4
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[StepTracker(), Kill(at=7)],
+              eval_fn=eval_fn)
+    best = tmp_path / "cut" / "best.pt"
+    truncate(best)
+    caplog.set_level("WARNING", logger="sdn.training")
+    resumed = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "cut", callbacks=[StepTracker()],
+                    eval_fn=eval_fn)
+    assert str(best) in caplog.text and "restarts from step 0" in caplog.text
+    assert resumed.best == full.best
+    for key in full.best_state:
+        assert torch.equal(resumed.best_state[key], full.best_state[key])
+    assert_same_params(full.model, resumed.model)
+    # a finished run whose best.pt was cut short is trained again rather than blocked
+    truncate(tmp_path / "full" / "best.pt")
+    caplog.clear()
+    again = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full", callbacks=[StepTracker()],
+                  eval_fn=eval_fn)
+    assert "best.pt" in caplog.text and again.start_step == 0 and again.best == full.best
+    for key in full.best_state:
+        assert torch.equal(again.best_state[key], full.best_state[key])
+
+
+def test_resume_false_removes_the_old_checkpoints(tmp_path):
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), config(steps=10, checkpoint_every=3), tmp_path, callbacks=[Kill(at=8)])
+    with pytest.raises(Kill.Killed):  # a fresh run of another configuration, killed before its first checkpoint
+        train(fresh_model(), CountingDataset(24), config(steps=10, lr=0.5), tmp_path, resume=False,
+              callbacks=[Kill(at=2)])
+    assert not any(tmp_path.iterdir())  # nothing of the other run is left to fall back to
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

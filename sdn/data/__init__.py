@@ -25,13 +25,22 @@ from sdn.data.download import DownloadError, download
 from sdn.data.factor_grid import FactorGridData
 from sdn.data.ground_truth import GroundTruthData
 from sdn.data.prepare import embedded_options, prepare, rendered_grid
-from sdn.data.storage import ArrayImages, PreparedImages, factors_path, image_path, read_meta
+from sdn.data.storage import (
+    ArrayImages,
+    PreparedDataError,
+    PreparedImages,
+    factors_path,
+    image_path,
+    load_array,
+    read_meta,
+)
 
 __all__ = [
     "DATASETS",
     "DatasetInfo",
     "DownloadError",
     "GroundTruthData",
+    "PreparedDataError",
     "download",
     "get_dataset",
     "get_ground_truth",
@@ -154,9 +163,10 @@ def get_ground_truth(name: str, root: str | Path | None = None, **options: Any) 
     meta = read_meta(root)
     if meta.get("name") != name:
         raise ValueError(f"{root} holds dataset {meta.get('name')!r}, not {name!r}")
+    rows = meta["splits"]["train"].get("num")
     return FactorGridData(
-        np.load(image_path(root, "train"), mmap_mode="r"),
-        np.load(factors_path(root, "train")),
+        load_array(image_path(root, "train"), rows, name),
+        load_array(factors_path(root, "train"), rows, name, mmap_mode=None),
         meta["factor_names"],
         meta["factor_sizes"],
     )

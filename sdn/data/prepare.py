@@ -38,6 +38,7 @@ from sdn.data.storage import (
     new_image_array,
     read_meta,
     split_meta,
+    verify_prepared,
     write_meta,
 )
 from sdn.images import save_image_grid
@@ -150,9 +151,11 @@ def prepare(
 
 
 def _up_to_date(out: Path, name: str, provenance: dict, options: dict) -> bool:
+    """Whether ``out`` holds ``name`` built from the same source and options, every array whole
+    (a file cut short since is rebuilt, not trusted)."""
     try:
-        meta = read_meta(out)
-    except (FileNotFoundError, ValueError):
+        meta = verify_prepared(out)
+    except (FileNotFoundError, ValueError):  # includes PreparedDataError
         return False
     return (
         meta.get("name") == name

@@ -9,7 +9,9 @@ A prepared dataset is a directory::
     <out>/sample_grid.png         a grid of the first training images, for a quick look
 
 It is built in a temporary sibling directory and renamed into place only when complete, so an
-interrupted prepare never leaves something DVC could mistake for a finished output.
+interrupted prepare never leaves something DVC could mistake for a finished output. A file damaged
+later (cut short by a full disk or an interrupted copy) raises :class:`PreparedDataError` naming it
+and saying how to rebuild it, instead of NumPy's ``mmap length is greater than file size``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,60 @@ from torch.utils.data import Dataset
 FORMAT_VERSION = 1
 META = "meta.json"
 GRID = "sample_grid.png"
+
+
+class PreparedDataError(ValueError):
+    """A file of a prepared dataset is missing, truncated or corrupt: ``path`` names it; the message
+    says how to rebuild the dataset (and ``hint``, when given, how the caller's workflow does it)."""
+
+    def __init__(self, path: str | Path, reason: str, name: str | None = None, hint: str | None = None) -> None:
+        self.path = Path(path)
+        self.root = self.path.parent
+        self.reason = reason
+        self.name = name
+        self.hint = hint
+        call = f"sdn.data.prepare({name!r}, {str(self.root)!r}, ...)" if name else "sdn.data.prepare"
+        message = (f"{self.path} {reason}: the prepared dataset {self.root} is damaged; "
+                   f"prepare it again with {call} (in a study: the dataset's prepare step)")
+        super().__init__(message + (f"; {hint}" if hint else ""))
+
+    def with_hint(self, hint: str) -> "PreparedDataError":
+        """The same error with ``hint`` added to the message."""
+        return PreparedDataError(self.path, self.reason, self.name, hint)
+
+
+def load_array(path: str | Path, rows: int | None = None, name: str | None = None,
+               mmap_mode: str | None = "r") -> np.ndarray:
+    """``np.load`` one array file of a prepared dataset (memory-mapped by default), raising
+    :class:`PreparedDataError` naming the file when it is missing, cut short, corrupt or holds
+    another number of ``rows`` than meta.json records."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreparedDataError(path, "is missing", name)
+    try:
+        array = np.load(path, mmap_mode=mmap_mode)
+    except (ValueError, EOFError, OSError) as error:
+        size = path.stat().st_size
+        raise PreparedDataError(path, f"is truncated or corrupt ({size} bytes; NumPy: {error})", name) from error
+    if rows is not None and (array.ndim == 0 or array.shape[0] != rows):
+        raise PreparedDataError(path, f"holds shape {array.shape}, but {META} records {rows} rows", name)
+    return array
+
+
+def verify_prepared(root: str | Path) -> dict[str, Any]:
+    """Open every array of the prepared dataset in ``root`` (headers and sizes only, no data read);
+    return its meta, or raise :class:`PreparedDataError` naming the first damaged file."""
+    meta = read_meta(root)
+    for split, entry in meta.get("splits", {}).items():
+        entry = entry if isinstance(entry, dict) else {}
+        if entry.get("rendered_on_demand"):  # no arrays: rendered when read
+            continue
+        rows = entry.get("num")
+        load_array(image_path(root, split), rows, meta.get("name"))
+        for path in (factors_path(root, split), labels_path(root, split)):
+            if path.is_file():
+                load_array(path, rows, meta.get("name"))
+    return meta
 
 
 @contextlib.contextmanager
@@ -93,17 +149,23 @@ def write_meta(root: str | Path, meta: dict[str, Any]) -> None:
 
 
 def read_meta(root: str | Path) -> dict[str, Any]:
-    """Read ``meta.json`` of a prepared dataset, or raise FileNotFoundError naming the directory."""
+    """Read ``meta.json`` of a prepared dataset, or raise FileNotFoundError naming the directory
+    (:class:`PreparedDataError` naming the file when it is truncated, not JSON or of another format)."""
     path = Path(root) / META
     if not path.is_file():
         raise FileNotFoundError(
             f"{root} is not a prepared dataset (no {META}); run the prepare step first"
         )
-    with open(path) as handle:
-        meta = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise PreparedDataError(path, f"is truncated or not valid JSON ({error})") from error
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict):
+        raise PreparedDataError(path, f"does not hold a {META} object (got {type(meta).__name__})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+        raise PreparedDataError(
+            path, f"has format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}", meta.get("name")
         )
     return meta
 
@@ -131,24 +193,28 @@ class PreparedImages(Dataset):
                 f"{self.meta['name']} has splits {sorted(self.meta['splits'])}, got {split!r}"
             )
         self.split = split
+        self._rows = self.meta["splits"][split].get("num") if isinstance(self.meta["splits"][split], dict) else None
         self._images: np.ndarray | None = None
         self._factors: np.ndarray | None = None
         self.has_factors = factors_path(self.root, split).is_file()
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise ValueError(f"{image_path(self.root, split)}: expected uint8 (N, C, H, W)")
+        if self.factors is not None and len(self.factors) != len(self.images):  # opens (and checks) the file
+            raise PreparedDataError(factors_path(self.root, split),
+                                    f"holds {len(self.factors)} rows for {len(self.images)} images", self.meta.get("name"))
 
     @property
     def images(self) -> np.ndarray:
         """All images of the split, uint8 (N, C, H, W), memory-mapped read-only."""
         if self._images is None:
-            self._images = np.load(image_path(self.root, self.split), mmap_mode="r")
+            self._images = load_array(image_path(self.root, self.split), self._rows, self.meta.get("name"))
         return self._images
 
     @property
     def factors(self) -> np.ndarray | None:
         """Factor indices int64 (N, K), or None for datasets without factors."""
         if self._factors is None and self.has_factors:
-            self._factors = np.load(factors_path(self.root, self.split), mmap_mode="r")
+            self._factors = load_array(factors_path(self.root, self.split), self._rows, self.meta.get("name"))
         return self._factors
 
     def __getstate__(self) -> dict[str, Any]:
