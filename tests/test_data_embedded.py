@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from sdn.data import get_dataset, get_ground_truth
+from sdn.data import get_dataset, get_ground_truth, prepare
 from sdn.data import dsprites_procedural as dsp
 from sdn.data import patches
 from sdn.data import shapes3d_procedural as s3p
@@ -132,22 +132,25 @@ def test_patches32_other_sizes(patch_sets):
         patches.build_patches32(test_fraction=0.0)
 
 
-def test_patches32_get_dataset_and_cache_under_root(tmp_path):
+def test_patches32_in_memory_equals_the_prepared_folder(tmp_path):
+    """The same options give the same images in memory and from the folder ``prepare`` built;
+    ``get_dataset`` only reads that folder, and refuses it for other options without touching it."""
     options = {"patch_size": 16, "region": 32, "levels": 1, "seed": 3}
     memory = get_dataset("patches32", "validation", **options)
     image, factors = memory[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
     assert factors.dtype == torch.int64 and factors.numel() == 0
-    cached = get_dataset("patches32", "validation", root=tmp_path / "p", **options)
+    prepare("patches32", tmp_path / "p", progress=False, **options)
     assert (tmp_path / "p" / "sample_grid.png").is_file()
+    cached = get_dataset("patches32", "validation", root=tmp_path / "p", **options)
     assert len(cached) == len(memory)
     assert all(torch.equal(cached[i][0], memory[i][0]) for i in range(len(memory)))
     stamp = (tmp_path / "p" / "test_images.npy").stat().st_mtime_ns
-    explicit = {**options, "test_fraction": 0.1}  # the default
+    explicit = {**options, "test_fraction": 0.1}  # the default: the same build
     get_dataset("patches32", "train", root=tmp_path / "p", **explicit)
-    assert (tmp_path / "p" / "test_images.npy").stat().st_mtime_ns == stamp  # not rebuilt
-    rebuilt = get_dataset("patches32", "validation", root=tmp_path / "p", **{**options, "seed": 4})
-    assert len(rebuilt) == len(memory) and not all(torch.equal(rebuilt[i][0], memory[i][0]) for i in range(len(memory)))
+    with pytest.raises(ValueError, match="prepared with options"):
+        get_dataset("patches32", "validation", root=tmp_path / "p", **{**options, "seed": 4})
+    assert (tmp_path / "p" / "test_images.npy").stat().st_mtime_ns == stamp  # never rebuilt by a read
 
 
 # ------------------------------------------------------------------------------ dsprites
