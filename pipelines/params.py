@@ -101,6 +101,9 @@ def explain(error: ValidationError, prefix: str = "", schema: Any = None) -> Stu
     key = _key(loc)
     if first["type"] == "missing":
         return StudyError(f"missing key {key}")
+    if first["type"] == "list_type":
+        got = first.get("input")
+        return StudyError(f"{key}: must be a YAML list, e.g. [{got}] or [a, b], got {got!r} ({type(got).__name__})")
     if first["type"] == "extra_forbidden":
         allowed = _fields_at(schema, tuple(first["loc"])[:-1]) if schema is not None else []
         return StudyError(f"{_key(loc[:-1])}: unknown key {loc[-1]!r}" + (f"; allowed: {allowed}" if allowed else ""))
@@ -128,6 +131,15 @@ def library_config(key: str, build: typing.Callable[[], Any]) -> Any:
         raise StudyError(f"{key}.{field[1]}: {field[2]}" if field else f"{key}: {err}") from err
 
 
+def _model_names(key: str, fam: Family) -> tuple[str, ...]:
+    """The family's registered model names; a model file that cannot be imported (``baselines/``: a
+    file not named after the name it registers, a missing import) as a StudyError under ``key``."""
+    try:
+        return fam.model_names()
+    except ImportError as err:
+        raise StudyError(f"{key}: the model files could not be imported: {err}") from err
+
+
 def validate(raw: Any) -> Params:
     """Check the whole params mapping (names, keys, types, cross-section rules, buildable configs)."""
     from sdn.data import DATASETS
@@ -149,7 +161,7 @@ def validate(raw: Any) -> Params:
         runs = getattr(study, name)
         allowed = sorted(d for d, info in DATASETS.items() if info.has_factors == fam.has_factors)
         _names(f"study.{name}.datasets", runs.datasets, allowed, "dataset(s)")
-        _names(f"study.{name}.models", runs.models, fam.model_names(), "model(s)")
+        _names(f"study.{name}.models", runs.models, _model_names(f"study.{name}.models", fam), "model(s)")
         if runs.datasets and not runs.models:
             raise StudyError(f"study.{name}.models is empty but datasets {runs.datasets} are listed")
         used += runs.datasets

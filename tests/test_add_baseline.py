@@ -24,7 +24,7 @@ def test_add_a_toy_baseline(tmp_path_factory, tmp_path):
     harness.add_toy_baseline(ws)
 
     result = harness.dvc(ws, "repro")
-    assert harness.ran_stages(result.stdout) == {
+    assert harness.ran_stages(result.stdout) == {"validate",
         "train_density@patches32-toy", "evaluate_density@patches32-toy", "fid@patches32-toy", "report"}
 
     from mlflow import MlflowClient

@@ -33,7 +33,8 @@ def built(tmp_path_factory):
 
 def _expected_stages(with_toy: bool = False) -> set[str]:
     density = ["sdn", "cnn"] + (["toy"] if with_toy else [])
-    stages = {"prepare_embedded@patches32", "prepare_embedded@dsprites_procedural", "fid_stats@patches32", "report"}
+    stages = {"validate", "prepare_embedded@patches32", "prepare_embedded@dsprites_procedural", "fid_stats@patches32",
+              "report"}
     for m in density:
         stages |= {f"train_density@patches32-{m}", f"evaluate_density@patches32-{m}", f"fid@patches32-{m}"}
     for m in ("cnn", "sdn"):
@@ -187,8 +188,8 @@ def test_one_models_params_rerun_only_that_model(built, tmp_path):
     shutil.copytree(built[0], ws, symlinks=True)
     harness.edit_params(ws, lambda p: p["density"]["patches32"]["models"]["cnn"].update(h_size=12))
     status = json.loads(harness.dvc(ws, "status", "--json").stdout)
-    assert set(status) == {"train_density@patches32-cnn", "evaluate_density@patches32-cnn",
-                           "fid@patches32-cnn", "report"}
+    assert set(status) == {"validate", "train_density@patches32-cnn", "evaluate_density@patches32-cnn",
+                           "fid@patches32-cnn", "report"}  # validate: the whole params file, checked first
     # Rerunning a stage makes a new MLflow run the current one for its key.
     harness.dvc(ws, "repro", "--single-item", "train_density@patches32-cnn")
     from mlflow import MlflowClient

@@ -191,7 +191,7 @@ def test_paper_dag_resolves(tmp_path):
         expected |= {f"train_{run.family}@{run.stage_suffix}", f"evaluate_{run.family}@{run.stage_suffix}"}
         if run.family == "density":
             expected.add(f"fid@{run.stage_suffix}")
-    expected.add("report")
+    expected |= {"validate", "report"}
     expected |= {f"download_fid_weights@{x}" for x in s.validated.study.fid_downloads}
     assert stages == expected
     dag = subprocess.run([str(dvc), "dag", "--dot"], cwd=tmp_path, check=True, env=env,

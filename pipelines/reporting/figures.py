@@ -1,7 +1,8 @@
 """The report's figures: training curves over seeds, grouped bars of the tables, and sample grids.
 
 The sample grids are made by the train stage (``torchvision.utils.save_image``); the report copies
-the lowest seed's grid, enlarged pixel for pixel when it is too small to be seen.
+the lowest seed's grid, enlarged pixel for pixel when it is too small to be seen. ``write_plot_data``
+writes the curves of every run of a dataset as one long table for ``dvc plots`` (docs/dvc.md).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import csv
+
 import numpy as np
 import pandas as pd
 
 MIN_FIGURE_WIDTH = 256  # px: smaller sample grids (16x16 patches) are enlarged to be seen
+PLOT_DATA_FIELDS = ("dataset", "model", "seed", "metric", "step", "value")  # dvc plots data (long format)
 
 
 def read_curve(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -93,3 +97,29 @@ def copy_grid(paths: Sequence[Path], out: Path) -> bool:
             image.resize((image.width * factor, image.height * factor), Image.NEAREST).save(out)
         return True
     return False
+
+
+def write_plot_data(records: Sequence[Mapping[str, Any]], dataset: str, models: Sequence[str],
+                    metrics: Mapping[str, str], path: Path) -> int:
+    """The curves of every run of ``dataset`` as one long CSV for ``dvc plots`` (dvc.yaml's top-level
+    ``plots``, template ``pipelines/reporting/dvc_curves.json``): one row per model, seed, metric and
+    step, ``metric`` naming the curve column (``metrics``: column -> label, e.g. ``bpd`` -> ``train
+    bpd``). Values as the curve files hold them (no averaging: the template draws seed means and
+    ranges). Returns the number of rows written (atomically)."""
+    rows = []
+    for model in models:
+        for record in sorted((r for r in records if r["dataset"] == dataset and r["model"] == model),
+                             key=lambda r: r["seed"]):
+            for column, label in metrics.items():
+                steps, values = read_curve(record["curve"], column)
+                rows += [(dataset, model, record["seed"], label, int(step), repr(float(value)))
+                         for step, value in zip(steps, values)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(PLOT_DATA_FIELDS)
+        writer.writerows(rows)
+    tmp.replace(path)
+    return len(rows)

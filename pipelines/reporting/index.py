@@ -16,11 +16,14 @@ from pipelines.families import families
 from pipelines.provenance import package_versions
 from pipelines.reporting import Records
 from pipelines.reporting.claims import claims_section
-from pipelines.reporting.figures import copy_grid
+from pipelines.reporting.figures import copy_grid, write_plot_data
 from pipelines.runs import results_paths
 from pipelines.study import Study, validate
 
 PAPER_FID_SAMPLES = 50_000
+# Curve columns in the DVC plot data (``<report.dir>/plots/<dataset>.csv``), per family: column -> label.
+PLOT_METRICS = {"density": {"bpd": "train bpd", "val_elbo_bpd": "validation bpd"},
+                "disentanglement": {"loss": "train loss"}}
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
@@ -65,6 +68,17 @@ def _samples(records: Records, params: Mapping[str, Any], figures: Path) -> list
                     index.append(f"Reconstructions (top: inputs, bottom: decoded posterior means):\n\n"
                                  f"![reconstructions {dataset} {model}](figures/{name})\n")
     return index
+
+
+def _plot_data(records: Records, params: Mapping[str, Any], plots: Path) -> None:
+    """``plots/<dataset>.csv``: every run's curves of each dataset in one long table, which dvc.yaml's
+    top-level ``plots`` draws as one chart per dataset with the models overlaid (docs/dvc.md)."""
+    shutil.rmtree(plots, ignore_errors=True)
+    for family in families():
+        metrics = PLOT_METRICS.get(family, {"loss": "train loss"})
+        for dataset in params["study"][family]["datasets"]:
+            write_plot_data([r for r in records if r["family"] == family], dataset,
+                            list(params["study"][family]["models"]), metrics, plots / f"{dataset}.csv")
 
 
 def _configuration(study: Study, params: Mapping[str, Any]) -> list[str]:
@@ -118,6 +132,7 @@ def build_report(params: Mapping[str, Any], paper: Mapping[str, Any], out_dir: P
     for name, family in reports.items():
         index += family.section([r for r in records if r["family"] == name], params, paper, confidence, out_dir)
     index += _samples(records, params, figures) + _configuration(study, params)
+    _plot_data(records, params, out_dir / "plots")
     index += ["\n## Reduced from the paper\n", *(f"- {r}" for r in reductions(params) or ["nothing: the paper's protocol"]),
               "\nPaper values come from `reports/paper_results.yaml` (source and verified flag per value).\n"]
     (out_dir / "index.md").write_text("\n".join(index) + "\n")
