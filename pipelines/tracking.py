@@ -20,6 +20,7 @@ The root is found from git's *common* dir, so ``dvc exp run`` temp copies log to
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import json
 import math
@@ -30,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 # Set before mlflow is imported anywhere: no telemetry, no background job workers.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -237,11 +239,29 @@ class RunKey:
         return " and ".join(f"tags.{k} = '{getattr(self, k)}'" for k in KEY_TAGS)
 
 
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock (``mlflow.db-lock`` beside a SQLite store) while the store is created,
+    migrated or an experiment made: parallel seeds and DVC experiments on a fresh clone otherwise race
+    on MLflow's schema migration (``table _alembic_tmp_experiments already exists``)."""
+    folder = _sqlite_folder(uri)
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{DB_NAME}-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def prepare_store(uri: Optional[str] = None) -> str:
-    """Create (and migrate) the store without creating an experiment; return its URI (run this once
-    before several processes race to open a fresh store)."""
+    """Create (and migrate) the store without creating an experiment; return its URI."""
     uri = uri or tracking_uri()
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    with store_lock(uri):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return uri
 
 
@@ -261,12 +281,16 @@ class Tracker:
         folder = _sqlite_folder(self.uri)
         self.artifact_root = folder / ARTIFACT_DIR if folder is not None else None
         self._logged: dict[str, set[tuple[str, int]]] = {}
+        with store_lock(self.uri):
+            self._open_experiment(experiment, description)
+
+    def _open_experiment(self, experiment: str, description: Optional[str]) -> None:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = f"{ARTIFACT_SCHEME}/{experiment}" if self.artifact_root is not None else None
             try:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            except MlflowException:  # another process created it first
+            except MlflowException:  # another process (of another store lock) created it first
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None:
                     raise

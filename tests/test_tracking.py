@@ -244,3 +244,22 @@ def test_open_training_run_new_resumed_finished_and_stale(tracker, tmp_path):
     done = tracking.open_training_run(tracker, ckpts / "cfg", key, {}, {})
     assert (done.run_id, done.mode) == (first.run_id, "finished")
     assert tracker.status(first.run_id) == "FINISHED"
+
+
+def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path):
+    """Seeds side by side and parallel DVC experiments on a fresh clone all create/migrate the
+    store at once: the store lock serialises that (without it: `_alembic_tmp_experiments exists`)."""
+    import os
+    import sys
+
+    code = ("from pipelines import tracking; t = tracking.Tracker.for_family('race', 'density'); "
+            "t.finish(t.new_run(t.key('d', 'm', 0), {}, {}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env.update({tracking.ROOT_ENV: str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)[-3000:]
+    client = tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sdn-race-density")
+    assert len(client.search_runs([exp.experiment_id])) == 3
