@@ -274,14 +274,14 @@ class Tracker:
             raise ValueError(f"experiment must be a non-empty string, got {experiment!r}")
         self.root = Path(root) if root is not None else resolve_repo_root()
         self.uri = uri or tracking_uri(self.root)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment = experiment
         # Where mlflow-artifacts:/ URIs point: the SQLite store's folder (what `mlflow server` run
         # there serves as ./mlartifacts); None for other stores, which handle artifacts themselves.
         folder = _sqlite_folder(self.uri)
         self.artifact_root = folder / ARTIFACT_DIR if folder is not None else None
         self._logged: dict[str, set[tuple[str, int]]] = {}
-        with store_lock(self.uri):
+        with store_lock(self.uri):  # MlflowClient creates and migrates a SQLite store right away
+            self.client = MlflowClient(tracking_uri=self.uri)
             self._open_experiment(experiment, description)
 
     def _open_experiment(self, experiment: str, description: Optional[str]) -> None:
