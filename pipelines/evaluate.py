@@ -3,7 +3,8 @@
 The family scores the model (``pipelines.families``): density, ELBO and importance-weighted
 bits/dim on the test split and the train − test gap; disentanglement, the disentanglement_lib
 metrics of the encoder mean and the number of active latent dimensions.
-Writes a DVC metrics file per run and logs the metrics into the run's current MLflow run; seeds
+Writes a DVC metrics file per run and logs it as ``test/<key>`` into the run's MLflow run, the one
+the train stage named in ``mlflow_run.json`` of the run's model folder (this stage's dependency); seeds
 run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``).
 """
 
@@ -20,23 +21,27 @@ from sdn.seeding import seed_everything
 
 def evaluate_run(study: Study, run: Run, paths: RunPaths) -> None:
     """Score ``run``'s evaluation weights, write its metrics file and log it."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seed_everything(EVAL_SEED)
-    model = study.build_model(run)
-    model.load_state_dict(torch.load(paths.weights, map_location="cpu", weights_only=True))
-    model.to(device).eval()
-    metrics = study.family(run.family).evaluate(study, run, model, device)
-    paths.eval_metrics.parent.mkdir(parents=True, exist_ok=True)
-    paths.eval_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-
     from pipelines.tracking import Tracker
 
-    tracker = Tracker(study.experiment)
-    run_id = tracker.run_for_update(tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
-                                    {"family": run.family, "study": study.name})
+    tracker = Tracker.for_family(study.name, run.family)
+    run_id = tracker.run_of_model(paths.model_dir, tracker.key(run.dataset, run.model, run.seed),
+                                  study.resolved(run), {"family": run.family, "study": study.name})
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        seed_everything(EVAL_SEED)
+        model = study.build_model(run)
+        model.load_state_dict(torch.load(paths.weights, map_location="cpu", weights_only=True))
+        model.to(device).eval()
+        metrics = study.family(run.family).evaluate(study, run, model, device)
+        paths.eval_metrics.parent.mkdir(parents=True, exist_ok=True)
+        paths.eval_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        tracker.stage_failed(run_id, "evaluate")
+        raise
+    # Logged into the (finished) training run without reopening it: its end time stays.
     tracker.log_metrics(run_id, {f"test/{k}": v for k, v in metrics.items()})
     tracker.log_artifact(run_id, paths.eval_metrics, "metrics", name="eval.json")
-    tracker.finish(run_id)
+    tracker.stage_done(run_id, "evaluate", run.family)
 
 
 def main(argv: list[str] | None = None) -> None:

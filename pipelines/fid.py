@@ -19,7 +19,28 @@ from sdn.metrics.fid import compute_model_fid
 
 def fid_run(study: Study, run: Run, paths: RunPaths) -> None:
     """FID of ``run``'s samples against the dataset's reference statistics (or n/a with the
-    reason), written and logged."""
+    reason), written and logged (``fid/fid``, ``fid/kid``, ``fid/kid_std`` into the run's MLflow
+    run, named in ``mlflow_run.json`` of its model folder)."""
+    from pipelines.tracking import Tracker
+
+    tracker = Tracker.for_family(study.name, run.family)
+    run_id = tracker.run_of_model(paths.model_dir, tracker.key(run.dataset, run.model, run.seed),
+                                  study.resolved(run), {"family": run.family, "study": study.name})
+    try:
+        record, result = _fid_record(study, run, paths)
+    except BaseException:
+        tracker.stage_failed(run_id, "fid")
+        raise
+    for name, value in (("fid_status", result.available), ("kid_status", result.kid_available)):
+        tracker.client.set_tag(run_id, name, "ok" if value else "n/a")
+    # Each name is the metrics file's key (fid, kid = kid_mean, kid_std); n/a values are not logged.
+    tracker.log_metrics(run_id, {f"fid/{k}": record.get(k) for k in ("fid", "kid", "kid_std")})
+    tracker.log_artifact(run_id, paths.fid_metrics, "metrics", name="fid.json")
+    tracker.stage_done(run_id, "fid", run.family)
+
+
+def _fid_record(study: Study, run: Run, paths: RunPaths):
+    """Compute, write and return the fid metrics file's record (and the FID result)."""
     fid_cfg = study.validated.fid
     kid_cfg = fid_cfg.kid
     temperature = float(study.section(run).samples.temperature)
@@ -39,21 +60,7 @@ def fid_run(study: Study, run: Run, paths: RunPaths) -> None:
     record["kid"] = result.kid_mean if result.kid_available else "n/a"
     paths.fid_metrics.parent.mkdir(parents=True, exist_ok=True)
     paths.fid_metrics.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-    from pipelines.tracking import Tracker
-
-    tracker = Tracker(study.experiment)
-    run_id = tracker.run_for_update(
-        tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
-        {"family": run.family, "study": study.name, "fid_status": "ok" if result.available else "n/a",
-         "kid_status": "ok" if result.kid_available else "n/a"},
-    )
-    if result.available:
-        tracker.log_metrics(run_id, {"fid": result.value})
-    if result.kid_available:
-        tracker.log_metrics(run_id, {"kid_mean": result.kid_mean, "kid_std": result.kid_std})
-    tracker.log_artifact(run_id, paths.fid_metrics, "metrics", name="fid.json")
-    tracker.finish(run_id)
+    return record, result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,17 @@
-"""MLflow bookkeeping for the DVC stage scripts: one experiment per study, one run per
-(dataset, model, seed), with exactly one run per key tagged ``current=true``.
+"""MLflow bookkeeping for the DVC stage scripts (docs/mlflow.md is the user's side of it).
+
+* One experiment per study family, ``sdn-<study>-<family>`` (:func:`experiment_name`), whose
+  description (tag ``mlflow.note.content``) says what its runs are and where their numbers come from.
+* One run per trained (dataset, model, seed): the train stage creates it and records its id in the
+  run's own DVC outputs (:data:`RUN_FILE` in the checkpoint folder while training, and beside
+  ``eval_weights.pt`` when done); the evaluate and fid stages read the id from that dependency and
+  log into exactly that run. Nothing looks a run up by tags.
+* An interrupted training run (SIGKILL, crash) is reopened by the rerun that resumes its checkpoint:
+  same run, the curve steps already in the store are not logged twice.
+* Artifacts: experiments get ``mlflow-artifacts:/<experiment>`` as artifact location, which this
+  module resolves against the store's folder (``<root>/mlartifacts/<experiment>/...``) and which
+  ``mlflow server`` (cwd = that folder) serves: no absolute path is stored, a moved clone keeps
+  every artifact link.
 
 Only ``pipelines/`` imports this module; the rest of the library never imports mlflow.
 The store is SQLite at the repository root (``mlflow.db``) unless ``MLFLOW_TRACKING_URI`` is set.
@@ -8,14 +20,21 @@ The root is found from git's *common* dir, so ``dvc exp run`` temp copies log to
 
 from __future__ import annotations
 
+import fcntl
+import getpass
 import json
+import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 # Set before mlflow is imported anywhere: no telemetry, no background job workers.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -23,6 +42,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.provenance import package_versions  # noqa: E402
@@ -31,10 +51,50 @@ from sdn.callbacks import Callback  # noqa: E402
 ROOT_ENV = "SDN_REPO_ROOT"
 DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
-# Tags that identify a run's key; ``current`` marks the run the UI and reports should show.
+ARTIFACT_SCHEME = "mlflow-artifacts:"
+# The file (in the checkpoint folder while training, in the run's model folder when done) that
+# names the run's MLflow run: a DVC output of the train stage, a dependency of evaluate and fid.
+RUN_FILE = "mlflow_run.json"
 KEY_TAGS = ("dataset", "model", "seed")
-CURRENT_TAG = "current"
+COMPLETE_TAG = "complete"
+# The stages that log into a run of each family; ``complete=true`` once all of them have.
+FAMILY_STAGES = {"density": ("train", "evaluate", "fid"), "disentanglement": ("train", "evaluate")}
+# Files DVC itself rewrites during `dvc repro` (outputs in git): not a sign of edited code or params.
+DVC_WRITTEN = ("dvc.lock", "results", "reports")
 _DVC_EXPS = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
+
+_FAMILY_TEXT = {
+    "density": (
+        "Density estimation: one run per trained (dataset, model, seed) of the `density` section. "
+        "`train/*` is the training curve (step = optimizer step), `validation/*` the validation "
+        "evaluations during training, `test/*` the evaluate stage's test metrics, `fid/*` FID and "
+        "KID of the model's samples."),
+    "disentanglement": (
+        "Disentanglement: one run per trained (dataset, model, seed) of the `disentanglement` "
+        "section. `train/*` is the training curve (step = optimizer step), `test/*` the evaluate "
+        "stage's disentanglement metrics of the encoder mean and the active latent dimensions."),
+}
+
+
+def experiment_name(study_name: str, family: str) -> str:
+    """The MLflow experiment of one study family: ``sdn-<study>-<family>`` (e.g. ``sdn-embedded-density``)."""
+    if not study_name or not family:
+        raise ValueError(f"study name and family must be non-empty, got {study_name!r}, {family!r}")
+    return f"sdn-{study_name}-{family}"
+
+
+def experiment_description(study_name: str, family: str) -> str:
+    """The experiment's description (MLflow's ``mlflow.note.content``, Markdown)."""
+    what = _FAMILY_TEXT.get(family, f"Family `{family}`: one run per trained (dataset, model, seed).")
+    return (
+        f"Study `{study_name}`, family `{family}`. {what}\n\n"
+        f"The numbers come from the DVC stages (`python -m pipelines.train|evaluate|fid`, run by "
+        f"`dvc repro` / `dvc exp run`); the record is the DVC metrics files under "
+        f"`results/{study_name}/metrics/` (`train/`, `eval/`, `fid/`) and the curves under "
+        f"`results/{study_name}/curves/`: `test/<key>` and `fid/<key>` equal those files' `<key>`. "
+        f"Timings (`train/seconds`, `train/images_per_second`) exist only here. Runs with "
+        f"`tags.complete = 'true'` have every stage's metrics; `tags.dvc_experiment` names the DVC "
+        f"experiment (`workspace` outside one). See docs/mlflow.md.")
 
 
 def resolve_repo_root(start: Optional[Path] = None) -> Path:
@@ -75,12 +135,11 @@ def tracking_uri(root: Optional[Path] = None) -> str:
     return f"sqlite:///{(root / DB_NAME).resolve()}"
 
 
-def _artifact_location(uri: str, experiment: str) -> Optional[str]:
-    """Artifacts of a SQLite store live next to the database; other stores decide themselves."""
+def _sqlite_folder(uri: str) -> Optional[Path]:
+    """The folder of a SQLite store's database file (None for other stores)."""
     if not uri.startswith("sqlite:///"):
         return None
-    db = Path(uri[len("sqlite:///"):])
-    return (db.parent / ARTIFACT_DIR / experiment).resolve().as_uri()
+    return Path(uri[len("sqlite:///"):]).resolve().parent
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -97,13 +156,67 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _git(cwd: Path, *args: str) -> Optional[str]:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def git_commit(root: Path) -> str:
     """HEAD's commit hash at ``root`` (``"none"`` outside git or before the first commit)."""
+    out = _git(Path(root), "rev-parse", "HEAD")
+    return out.strip() if out else "none"
+
+
+def git_state(cwd: Optional[Path] = None) -> dict[str, str]:
+    """What the code and params of a stage run are: ``git_commit`` and ``git_dirty``.
+
+    Outside a DVC experiment the commit is HEAD; inside one (``DVC_EXP_BASELINE_REV`` set) the
+    experiment's own commit does not exist yet while it runs, so the commit is the experiment's
+    baseline and ``git_dirty`` says whether the experiment's files (e.g. its ``-S`` params) differ
+    from it. Dirty = a tracked file differs from the commit (``git status --porcelain -uno``:
+    untracked files ignored), not counting what DVC itself rewrites (:data:`DVC_WRITTEN`).
+    """
+    cwd = Path(cwd or Path.cwd())
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(cwd)
+    if commit == "none":
+        return {"git_commit": "none", "git_dirty": "unknown"}
+    excludes = [f":(exclude){p}" for p in DVC_WRITTEN]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        out = _git(cwd, "diff", "--name-only", commit, "--", ".", *excludes)
+    else:
+        out = _git(cwd, "status", "--porcelain", "--untracked-files=no", "--", ".", *excludes)
+    dirty = "unknown" if out is None else ("true" if out.strip() else "false")
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def write_run_file(path: Path, run_id: str, experiment: str, experiment_id: str) -> Path:
+    """Atomically write the run file ``path`` naming ``run_id`` (JSON, sorted keys)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"run_id": run_id, "experiment": experiment, "experiment_id": experiment_id},
+                      indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "none"
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_run_file(path: Path) -> Optional[dict[str, str]]:
+    """The run file's content, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("run_id") else None
 
 
 @dataclass(frozen=True)
@@ -117,104 +230,179 @@ class RunKey:
 
     @property
     def run_name(self) -> str:
-        return f"{self.dataset}/{self.model}/seed{self.seed}"
+        """``<dataset>/<model>/seed<seed>``, with ``[<dvc experiment>]`` inside a DVC experiment."""
+        name = f"{self.dataset}/{self.model}/seed{self.seed}"
+        exp = os.environ.get("DVC_EXP_NAME")
+        return f"{name} [{exp}]" if exp else name
 
     def filter_string(self) -> str:
         return " and ".join(f"tags.{k} = '{getattr(self, k)}'" for k in KEY_TAGS)
 
 
-class Tracker:
-    """Opens the study's experiment in the store and manages its per-key runs."""
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock (``mlflow.db-lock`` beside a SQLite store) while the store is created,
+    migrated or an experiment made: parallel seeds and DVC experiments on a fresh clone otherwise race
+    on MLflow's schema migration (``table _alembic_tmp_experiments already exists``)."""
+    folder = _sqlite_folder(uri)
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{DB_NAME}-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def __init__(self, experiment: str, uri: Optional[str] = None, root: Optional[Path] = None):
+
+def prepare_store(uri: Optional[str] = None) -> str:
+    """Create (and migrate) the store without creating an experiment; return its URI."""
+    uri = uri or tracking_uri()
+    with store_lock(uri):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    return uri
+
+
+class Tracker:
+    """Opens one experiment in the store and logs into its runs."""
+
+    def __init__(self, experiment: str, uri: Optional[str] = None, root: Optional[Path] = None,
+                 description: Optional[str] = None):
         if not isinstance(experiment, str) or not experiment:
             raise ValueError(f"experiment must be a non-empty string, got {experiment!r}")
         self.root = Path(root) if root is not None else resolve_repo_root()
         self.uri = uri or tracking_uri(self.root)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment = experiment
+        # Where mlflow-artifacts:/ URIs point: the SQLite store's folder (what `mlflow server` run
+        # there serves as ./mlartifacts); None for other stores, which handle artifacts themselves.
+        folder = _sqlite_folder(self.uri)
+        self.artifact_root = folder / ARTIFACT_DIR if folder is not None else None
+        self._logged: dict[str, set[tuple[str, int]]] = {}
+        with store_lock(self.uri):  # MlflowClient creates and migrates a SQLite store right away
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self._open_experiment(experiment, description)
+
+    def _open_experiment(self, experiment: str, description: Optional[str]) -> None:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=_artifact_location(self.uri, experiment)
-            )
+            location = f"{ARTIFACT_SCHEME}/{experiment}" if self.artifact_root is not None else None
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            except MlflowException:  # another process (of another store lock) created it first
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                self.experiment_id = found.experiment_id
         else:
             self.experiment_id = found.experiment_id
+        if description is not None and (found is None or found.tags.get("mlflow.note.content") != description):
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
+
+    @classmethod
+    def for_family(cls, study_name: str, family: str, **kwargs: Any) -> "Tracker":
+        """The tracker of the experiment of ``family`` in study ``study_name``, with its description."""
+        return cls(experiment_name(study_name, family), description=experiment_description(study_name, family),
+                   **kwargs)
 
     def key(self, dataset: str, model: str, seed: int) -> RunKey:
         return RunKey(self.experiment, dataset, model, int(seed))
 
-    def runs_for(self, key: RunKey, current_only: bool = False) -> list:
-        """All runs of ``key`` (newest first), or only the one(s) tagged current."""
-        query = key.filter_string()
-        if current_only:
-            query += f" and tags.{CURRENT_TAG} = 'true'"
+    def runs_for(self, key: RunKey) -> list:
+        """All runs of ``key`` in this experiment (newest first)."""
         return self.client.search_runs(
-            [self.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+            [self.experiment_id], filter_string=key.filter_string(), order_by=["attributes.start_time DESC"],
             max_results=1000,
         )
 
-    def current_run_id(self, key: RunKey) -> Optional[str]:
-        """The run tagged ``current=true`` for ``key``, or None."""
-        runs = self.runs_for(key, current_only=True)
-        return runs[0].info.run_id if runs else None
-
     def new_run(self, key: RunKey, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        """Create a run for ``key``, make it the only current one, log params and tags; return its id."""
+        """Create a run for ``key``, log its params and tags; return its id."""
+        git = git_state()
         base_tags = {
-            "dataset": key.dataset, "model": key.model, "seed": str(key.seed),
-            "git_commit": git_commit(self.root), "mlflow.runName": key.run_name,
+            "dataset": key.dataset, "model": key.model, "seed": str(key.seed), **git,
+            "mlflow.runName": key.run_name, "mlflow.user": _user(),
+            "mlflow.source.name": _source_name(), "mlflow.source.type": "LOCAL",
             "host": platform.node(), "argv": " ".join(sys.argv),
             "dvc_stage": os.environ.get("DVC_STAGE", "none"),
             "dvc_experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
         }
+        if git["git_commit"] != "none":
+            base_tags["mlflow.source.git.commit"] = git["git_commit"]
         base_tags.update({f"version.{k}": v for k, v in package_versions().items()})
         base_tags.update({k: str(v) for k, v in tags.items()})
         run = self.client.create_run(self.experiment_id, run_name=key.run_name, tags=base_tags)
         run_id = run.info.run_id
-        for old in self.runs_for(key, current_only=True):
-            if old.info.run_id != run_id:
-                self.client.set_tag(old.info.run_id, CURRENT_TAG, "false")
-        self.client.set_tag(run_id, CURRENT_TAG, "true")
-        flat = flatten(params)
-        items = list(flat.items())
+        self._logged[run_id] = set()
+        items = list(flatten(params).items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(
-                run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]]
-            )
+            self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
         return run_id
 
-    def run_for_update(self, key: RunKey, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        """The current run of ``key`` (evaluate/fid log into it); a new current run if none exists."""
-        run_id = self.current_run_id(key)
-        if run_id is None:
-            run_id = self.new_run(key, params, {**tags, "note": "no training run found in the store"})
-        else:
-            for name, value in tags.items():
-                self.client.set_tag(run_id, name, str(value))
-        return run_id
+    def get_run(self, run_id: str):
+        """The run, or None when the store does not have it (or it was deleted)."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return run if run.info.lifecycle_stage == "active" else None
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        """Log finite numeric metrics (non-numbers such as "n/a" are skipped)."""
-        import math
-        import time
+    def status(self, run_id: str) -> Optional[str]:
+        run = self.get_run(run_id)
+        return run.info.status if run is not None else None
 
+    def reopen(self, run_id: str) -> None:
+        """Mark ``run_id`` RUNNING again and remember every (metric, step) it holds, so a resumed
+        stage logs only what is new (:meth:`log_metrics` skips the rest)."""
+        run = self.client.get_run(run_id)
+        logged: set[tuple[str, int]] = set()
+        for name in run.data.metrics:
+            logged.update((name, int(m.step)) for m in self.client.get_metric_history(run_id, name))
+        self._logged[run_id] = logged
+        self.client.update_run(run_id, status="RUNNING")
+
+    def metric_at(self, run_id: str, name: str, step: int) -> Optional[float]:
+        """The value of ``name`` at the last step <= ``step`` (None if there is none)."""
+        points = [m for m in self.client.get_metric_history(run_id, name) if m.step <= step]
+        return max(points, key=lambda m: (m.step, m.timestamp)).value if points else None
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """Log finite numeric metrics (non-numbers such as "n/a", bools and NaN are skipped). In a
+        reopened run a (metric, step) pair already in the store is not logged again."""
         now = int(time.time() * 1000)
-        batch = [
-            mlflow.entities.Metric(str(k), float(v), now, int(step))
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-        ]
+        logged = self._logged.setdefault(run_id, set())
+        batch = []
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(float(v)):
+                continue
+            if (str(k), int(step)) in logged:
+                continue
+            logged.add((str(k), int(step)))
+            batch.append(mlflow.entities.Metric(str(k), float(v), now, int(step)))
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+    def artifact_dir(self, run_id: str) -> Optional[Path]:
+        """The local folder of the run's artifacts when its URI is ``mlflow-artifacts:/...`` and the
+        store is SQLite (resolved against the store's folder, never the process's cwd)."""
+        uri = self.client.get_run(run_id).info.artifact_uri
+        if self.artifact_root is None or not uri.startswith(ARTIFACT_SCHEME):
+            return None
+        return self.artifact_root / uri[len(ARTIFACT_SCHEME):].lstrip("/")
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: Optional[str] = None,
                      name: Optional[str] = None) -> None:
         """Copy a file (stored as ``name`` if given) or a directory into the run's artifacts."""
-        import shutil
-        import tempfile
-
         path = Path(path)
+        local = self.artifact_dir(run_id)
+        if local is not None:
+            dest = local / artifact_path if artifact_path else local
+            if path.is_dir():
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    _copy_atomic(file, dest / path.name / file.relative_to(path))
+            else:
+                _copy_atomic(path, dest / (name or path.name))
+            return
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), artifact_path)
         elif name is None or name == path.name:
@@ -225,24 +413,213 @@ class Tracker:
                 shutil.copyfile(path, renamed)
                 self.client.log_artifact(run_id, str(renamed), artifact_path)
 
+    def list_artifacts(self, run_id: str) -> list[str]:
+        """Every artifact file of the run, as paths relative to its artifact root (sorted)."""
+        local = self.artifact_dir(run_id)
+        if local is not None:
+            return sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        out, folders = [], [None]
+        while folders:
+            for info in self.client.list_artifacts(run_id, folders.pop()):
+                (folders if info.is_dir else out).append(info.path)
+        return sorted(out)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """Terminate the run (its end time: now)."""
         self.client.set_terminated(run_id, status=status)
+
+    def stage_failed(self, run_id: str, stage: str) -> None:
+        """Mark a run FAILED by a later stage without moving its end time (the training time stays)."""
+        self.client.set_tag(run_id, "failed_stage", stage)
+        self.client.update_run(run_id, status="FAILED")
+
+    def stage_done(self, run_id: str, stage: str, family: str) -> None:
+        """Tag ``done_<stage>=true``; once every stage of ``family`` is done, ``complete=true``. A
+        run a failed ``stage`` had marked FAILED is FINISHED again."""
+        self.client.set_tag(run_id, f"done_{stage}", "true")
+        run = self.client.get_run(run_id)
+        tags = run.data.tags
+        if run.info.status == "FAILED" and tags.get("failed_stage") == stage:
+            self.client.delete_tag(run_id, "failed_stage")
+            self.client.update_run(run_id, status="FINISHED")
+        needed = FAMILY_STAGES.get(family, ("train", "evaluate"))
+        if all(tags.get(f"done_{s}") == "true" for s in needed):
+            self.client.set_tag(run_id, COMPLETE_TAG, "true")
+
+    def run_of_model(self, model_dir: Path, key: RunKey, params: Mapping[str, Any],
+                     tags: Mapping[str, str]) -> str:
+        """The run the train stage recorded in ``model_dir`` (evaluate and fid log into it). A model
+        folder without one (written before runs were recorded) gets a new run saying so."""
+        recorded = read_run_file(Path(model_dir) / RUN_FILE)
+        if recorded is not None and self.get_run(recorded["run_id"]) is not None:
+            for name, value in tags.items():
+                self.client.set_tag(recorded["run_id"], name, str(value))
+            return recorded["run_id"]
+        why = f"{Path(model_dir) / RUN_FILE} names no run of this store"
+        run_id = self.new_run(key, params, {**tags, "note": why})
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (some containers)
+        return "unknown"
+
+
+def _source_name() -> str:
+    """What the UI's Source column shows: the DVC stage (and experiment) or the command."""
+    stage = os.environ.get("DVC_STAGE")
+    if stage:
+        exp = os.environ.get("DVC_EXP_NAME")
+        return f"dvc stage {stage}" + (f" (experiment {exp})" if exp else "")
+    return " ".join(["python", *sys.argv])[:500]
+
+
+@dataclass
+class TrainingRun:
+    """The MLflow run of one training (see :func:`open_training_run`)."""
+
+    run_id: str
+    mode: str  # "new", "resumed" (reopened after an interruption) or "finished" (nothing left to log)
+
+
+def open_training_run(tracker: Tracker, checkpoint_dir: Path, key: RunKey, params: Mapping[str, Any],
+                      tags: Mapping[str, str]) -> TrainingRun:
+    """The run of the training whose checkpoint folder is ``checkpoint_dir``.
+
+    The run file beside the checkpoint names it: a run that finished is reused as is (the stage only
+    re-exports), an interrupted one (RUNNING after a SIGKILL, FAILED, KILLED) is reopened and
+    continues; otherwise a new run is created and recorded there before training starts. Runs
+    recorded in sibling checkpoint folders (stale configurations the stage is about to delete) that
+    are still RUNNING are marked KILLED.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.parent.is_dir():
+        for other in checkpoint_dir.parent.iterdir():
+            if other != checkpoint_dir:
+                abandon_run_in(tracker, other)
+    recorded = read_run_file(checkpoint_dir / RUN_FILE)
+    run = tracker.get_run(recorded["run_id"]) if recorded else None
+    if run is not None and run.info.experiment_id == tracker.experiment_id:
+        if run.info.status == "FINISHED":
+            return TrainingRun(run.info.run_id, "finished")
+        tracker.reopen(run.info.run_id)
+        tracker.client.set_tag(run.info.run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+        return TrainingRun(run.info.run_id, "resumed")
+    run_id = tracker.new_run(key, params, tags)
+    write_run_file(checkpoint_dir / RUN_FILE, run_id, tracker.experiment, tracker.experiment_id)
+    return TrainingRun(run_id, "new")
+
+
+def abandon_run_in(tracker: Tracker, folder: Path) -> None:
+    """Mark the run recorded in ``folder`` KILLED if it is still RUNNING (its checkpoint is being
+    discarded, so nothing will ever resume it)."""
+    recorded = read_run_file(Path(folder) / RUN_FILE)
+    if recorded and tracker.status(recorded["run_id"]) == "RUNNING":
+        tracker.client.set_tag(recorded["run_id"], "note", "checkpoint discarded before training finished")
+        tracker.finish(recorded["run_id"], "KILLED")
 
 
 class MlflowCallback(Callback):
-    """Trainer callback that streams the training curve (and eval metrics) into one MLflow run."""
+    """Trainer callback that streams the training curve into one MLflow run.
 
-    def __init__(self, tracker: Tracker, run_id: str, prefix: str = "train/"):
-        self.tracker, self.run_id, self.prefix = tracker, run_id, prefix
+    ``train/<metric>`` at every logged step, ``validation/<metric>`` at every evaluation,
+    ``train/seconds`` (training time so far, continued across a resume) at every checkpoint, and at
+    the end ``train/seconds`` and ``train/images_per_second`` at the last step.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, prefix: str = "train/", eval_prefix: str = "validation/"):
+        self.tracker, self.run_id, self.prefix, self.eval_prefix = tracker, run_id, prefix, eval_prefix
+        self.began: Optional[float] = None
+        self.offset = 0.0
+        self.batch_size = 0
+        self.seconds: Optional[float] = None
+        self.images_per_second: Optional[float] = None
+        self._checkpointed: Optional[tuple[int, float]] = None
+
+    def elapsed(self) -> float:
+        return self.offset + (time.perf_counter() - self.began if self.began is not None else 0.0)
 
     def on_train_start(self, info: dict[str, Any]) -> None:
+        self.began = time.perf_counter()
+        start = int(info.get("start_step", 0))
+        self.batch_size = int(info.get("config", {}).get("batch_size", 0))
+        if start > 0:
+            self.offset = self.tracker.metric_at(self.run_id, f"{self.prefix}seconds", start) or 0.0
         self.tracker.client.set_tag(self.run_id, "device", str(info.get("device", "unknown")))
         self.tracker.client.set_tag(self.run_id, "world_size", str(info.get("world_size", 1)))
-        if "num_parameters" in info:
-            self.tracker.log_metrics(self.run_id, {"num_params": info["num_parameters"]})
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(self.run_id, {f"{self.prefix}{k}": v for k, v in metrics.items()}, step)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics(self.run_id, {f"{self.prefix}eval_{k}": v for k, v in metrics.items()}, step)
+        self.tracker.log_metrics(self.run_id, {f"{self.eval_prefix}{k}": v for k, v in metrics.items()}, step)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self._checkpointed = (step, self.elapsed())
+        self.tracker.log_metrics(self.run_id, {f"{self.prefix}seconds": self._checkpointed[1]}, step)
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        steps = int(summary.get("steps", 0))
+        # The last step's checkpoint already logged the time at that step: the one value of that point.
+        last = self._checkpointed
+        self.seconds = last[1] if last is not None and last[0] == steps else self.elapsed()
+        self.tracker.log_metrics(self.run_id, {f"{self.prefix}seconds": self.seconds}, steps)
+        log_throughput(self.tracker, self.run_id, steps, self.batch_size, self.seconds, self.prefix)
+
+
+def log_throughput(tracker: Tracker, run_id: str, steps: int, batch_size: int, seconds: Optional[float],
+                   prefix: str = "train/") -> Optional[float]:
+    """Log ``<prefix>images_per_second`` (steps x global batch / training seconds) at ``steps``."""
+    if not seconds or seconds <= 0 or batch_size <= 0:
+        return None
+    rate = steps * batch_size / seconds
+    tracker.log_metrics(run_id, {f"{prefix}images_per_second": rate}, steps)
+    return rate
+
+
+def workspace_runs(results: Path) -> list[str]:
+    """The MLflow run ids the workspace's results were made by (every ``RUN_FILE`` beside a model's
+    evaluation weights under ``results``), sorted."""
+    ids = set()
+    for path in Path(results).rglob(RUN_FILE):
+        if "checkpoints" in path.relative_to(results).parts:
+            continue
+        recorded = read_run_file(path)
+        if recorded:
+            ids.add(recorded["run_id"])
+    return sorted(ids)
+
+
+def workspace_filter(results: Path) -> str:
+    """An MLflow search filter (paste into the UI's search box) for the runs of the workspace's results."""
+    ids = workspace_runs(results)
+    return "attributes.run_id IN (" + ", ".join(f"'{i}'" for i in ids) + ")" if ids else ""
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m pipelines.tracking workspace-filter [results/<study>]``: print the UI filter for
+    the runs the workspace's results come from."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["workspace-filter", "workspace-runs"])
+    parser.add_argument("results", nargs="?", default="results", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "workspace-runs":
+        print("\n".join(workspace_runs(args.results)))
+    else:
+        print(workspace_filter(args.results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
 """DVC stage ``train_<family>@<dataset>-<model>``: train every seed of one model (or ``--seed``).
 
 Per run: the trainer checkpoint and the weights evaluation uses, a sample grid (and, for VAEs,
-reconstructions), the training curve (DVC plots) and a metrics file, all logged to a new MLflow run
-marked current. Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works
+reconstructions), the training curve (DVC plots) and a metrics file, all logged to the run's MLflow
+run (``pipelines.tracking``: created here and named in ``mlflow_run.json`` beside the checkpoint and
+beside ``eval_weights.pt``; an interrupted training resumes its checkpoint and its run). Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works
 unchanged under ``torchrun`` (every rank trains; rank 0 writes files and tracks).
 """
 
@@ -54,32 +55,51 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     # the checkpoint (DVC deletes the plots file before a rerun) and copied out when training ends.
     checkpoint_dir = run_checkpoint_dir(paths.model_dir, study.resolved(run))
     curve = checkpoint_dir / "curve.csv"
+    tracker = mlflow_run = callback = None
+    if rank == 0:
+        from pipelines.tracking import Tracker
+
+        tracker = Tracker.for_family(study.name, run.family)
     if rank == 0 and checkpoint_dir.exists() and not curve.exists():
         print(f"train: {curve} is missing, retraining {run.stage_suffix} from scratch", file=sys.stderr)
+        from pipelines.tracking import abandon_run_in
+
+        abandon_run_in(tracker, checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
     callbacks = []
-    tracker = run_id = None
     if rank == 0:
-        from pipelines.tracking import MlflowCallback, Tracker
+        from pipelines.tracking import MlflowCallback, open_training_run
 
         for path in (paths.samples, paths.train_metrics, paths.curve):
             path.parent.mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(study.experiment)
-        run_id = tracker.new_run(
-            tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
+        # The run is recorded beside the checkpoint before training starts: an interrupted
+        # training resumes its checkpoint and its MLflow run together.
+        mlflow_run = open_training_run(
+            tracker, checkpoint_dir, tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
             {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
         )
-        callbacks = [CurveWriter(curve), MlflowCallback(tracker, run_id)]
+        callback = MlflowCallback(tracker, mlflow_run.run_id)
+        callbacks = [CurveWriter(curve)] + ([callback] if mlflow_run.mode != "finished" else [])
     try:
         eval_fn = family.validation_fn(study, run) if train_config.eval_every else None
         result = train(model, dataset, train_config, checkpoint_dir, callbacks=callbacks, resume=True,
                        eval_fn=eval_fn)
-    except BaseException:
-        if tracker is not None:
-            tracker.finish(run_id, "FAILED")
+        if rank != 0:
+            return
+        _export(study, run, paths, family, result, num_params, checkpoint_dir, curve, tracker, mlflow_run,
+                callback, train_config.batch_size)
+    except BaseException as error:
+        if mlflow_run is not None and mlflow_run.mode != "finished":
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            tracker.client.set_tag(mlflow_run.run_id, "error", f"{type(error).__name__}: {error}"[:4000])
+            tracker.finish(mlflow_run.run_id, status)
         raise
-    if rank != 0:
-        return
+
+
+def _export(study, run, paths, family, result, num_params, checkpoint_dir, curve, tracker, mlflow_run,
+            callback, batch_size) -> None:
+    """Rank 0 after training: the run's files (DVC outputs) and its MLflow metrics and artifacts."""
+    from pipelines.tracking import RUN_FILE, log_throughput, write_run_file
 
     remove_other_checkpoints(checkpoint_dir)
     shutil.copyfile(curve, paths.curve)
@@ -102,7 +122,18 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
         metrics.update({f"selected_validation_{k}": float(v) for k, v in result.best["metrics"].items()})
     paths.train_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
-    tracker.log_metrics(run_id, metrics, step=result.steps)
+    # Evaluate and fid find the run here (their dependency); a rerun that only re-exports a
+    # finished run logs nothing again and leaves its end time (= its training time) as it was.
+    run_id = mlflow_run.run_id
+    write_run_file(paths.model_dir / RUN_FILE, run_id, tracker.experiment, tracker.experiment_id)
+    if mlflow_run.mode == "finished":
+        return
+    if callback.seconds is None:  # resumed at the last checkpoint: nothing was trained in this process
+        log_throughput(tracker, run_id, result.steps, batch_size,
+                       tracker.metric_at(run_id, "train/seconds", result.steps))
+    # Once each: the final train_* values of the metrics file are the curve's last points (train/*).
+    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "steps" and not k.startswith("train_")},
+                        step=result.steps)
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "resolved_config.json"
         resolved.write_text(json.dumps(study.resolved(run), indent=2, default=str) + "\n")
@@ -114,6 +145,7 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
         tracker.log_artifact(run_id, path, name=path.name.removeprefix(f"seed{run.seed}_"))
     tracker.log_artifact(run_id, paths.train_metrics, "metrics", name="train.json")
     tracker.log_artifact(run_id, paths.curve, "metrics", name="train_curve.csv")
+    tracker.stage_done(run_id, "train", run.family)
     tracker.finish(run_id)
 
 

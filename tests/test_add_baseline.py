@@ -30,9 +30,9 @@ def test_add_a_toy_baseline(tmp_path_factory, tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sdn-embedded")
-    runs = client.search_runs([exp.experiment_id], "tags.model = 'toy' and tags.current = 'true'")
-    assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1"]  # one current run per seed
+    exp = client.get_experiment_by_name("sdn-embedded-density")
+    runs = client.search_runs([exp.experiment_id], "tags.model = 'toy' and tags.complete = 'true'")
+    assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1"]  # one complete run per seed
     assert all(r.data.tags["dataset"] == "patches32" for r in runs)
     assert all(r.data.metrics["test/iw_bpd"] > 0 and r.data.metrics["num_params"] > 0 for r in runs)
 

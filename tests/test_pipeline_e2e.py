@@ -145,16 +145,15 @@ def test_mlflow_server_shows_the_runs(built, tmp_path):
             assert proc.poll() is None, (tmp_path / "server.log").read_text()
             assert time.monotonic() < deadline, "mlflow server did not come up"
             time.sleep(0.5)
-        exp = _request(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sdn-embedded")["experiment"]
-        found = _request(f"{base}/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [exp["experiment_id"]], "filter": "tags.current = 'true'", "max_results": 100})
         runs = {}
-        for run in found["runs"]:
-            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-            runs[(tags["dataset"], tags["model"], tags["seed"])] = run
-        assert set(runs) == {(d, m, seed) for d, models in (("patches32", ("sdn", "cnn")),
-                                                             ("dsprites_procedural", ("cnn", "sdn")))
-                             for m in models for seed in ("0", "1")}
+        for family in ("density", "disentanglement"):
+            exp = _request(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sdn-embedded-{family}")
+            found = _request(f"{base}/api/2.0/mlflow/runs/search", {
+                "experiment_ids": [exp["experiment"]["experiment_id"]], "filter": "tags.complete = 'true'",
+                "max_results": 100})
+            for run in found["runs"]:
+                tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+                runs[(tags["dataset"], tags["model"], tags["seed"])] = run
         run = runs[("patches32", "sdn", "0")]
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -190,17 +189,18 @@ def test_one_models_params_rerun_only_that_model(built, tmp_path):
     status = json.loads(harness.dvc(ws, "status", "--json").stdout)
     assert set(status) == {"validate", "train_density@patches32-cnn", "evaluate_density@patches32-cnn",
                            "fid@patches32-cnn", "report"}  # validate: the whole params file, checked first
-    # Rerunning a stage makes a new MLflow run the current one for its key.
+    # Rerunning a stage makes a new MLflow run, named in the model folder the later stages read.
     harness.dvc(ws, "repro", "--single-item", "train_density@patches32-cnn")
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sdn-embedded")
+    exp = client.get_experiment_by_name("sdn-embedded-density")
     runs = client.search_runs([exp.experiment_id],
                               "tags.dataset = 'patches32' and tags.model = 'cnn' and tags.seed = '0'")
-    assert sorted(r.data.tags["current"] for r in runs) == ["false", "true"]
+    assert len(runs) == 2
     newest = max(runs, key=lambda r: r.info.start_time)
-    assert newest.data.tags["current"] == "true" and newest.data.params["model_config.h_size"] == "12"
+    recorded = json.loads((ws / "results/embedded/models/patches32/cnn/seed0/mlflow_run.json").read_text())
+    assert recorded["run_id"] == newest.info.run_id and newest.data.params["model_config.h_size"] == "12"
 
 
 def test_rerun_of_an_unchanged_run_resumes_from_its_checkpoint(built, tmp_path):

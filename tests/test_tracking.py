@@ -1,7 +1,9 @@
-"""MLflow bookkeeping: store location, one current run per key, params/metrics/artifacts, callback."""
+"""MLflow bookkeeping: store location, experiments per family, run tags, metrics keys, artifacts
+next to the store, the run file that links stages to their run, resume of an interrupted run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,22 +17,37 @@ from pipelines import tracking
 def migrated_db(tmp_path_factory) -> Path:
     """One migrated SQLite store per session (a new one costs seconds of migrations)."""
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    tracking.Tracker("warmup", uri=f"sqlite:///{path}", root=path.parent)
+    tracking.prepare_store(f"sqlite:///{path}")
     return path
 
 
 @pytest.fixture
-def tracker(migrated_db, tmp_path, monkeypatch) -> tracking.Tracker:
-    db = tmp_path / "mlflow.db"
-    shutil.copyfile(migrated_db, db)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv(tracking.ROOT_ENV, str(tmp_path))
-    return tracking.Tracker("sdn-test")
+def store(migrated_db, tmp_path, monkeypatch) -> Path:
+    """A fresh store in ``tmp_path/store`` (the repository root as far as tracking knows)."""
+    root = tmp_path / "store"
+    root.mkdir()
+    shutil.copyfile(migrated_db, root / "mlflow.db")
+    for env in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv(tracking.ROOT_ENV, str(root))
+    return root
+
+
+@pytest.fixture
+def tracker(store) -> tracking.Tracker:
+    return tracking.Tracker.for_family("test", "density")
 
 
 def _git_init(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["git", "init", "-q", str(path)], check=True)
+
+
+def _git_commit_all(path: Path) -> str:
+    run = dict(cwd=path, check=True, capture_output=True)
+    subprocess.run(["git", "add", "-A"], **run)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c"], **run)
+    return subprocess.run(["git", "rev-parse", "HEAD"], text=True, **run).stdout.strip()
 
 
 def test_root_from_git_common_dir_and_dvc_experiment_copies(tmp_path, monkeypatch):
@@ -63,64 +80,186 @@ def test_flatten_nested_params():
     assert flat == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None", "f": "{}", "g": "[3, 4]"}
 
 
-def _current(tracker, key):
-    runs = tracker.runs_for(key)
-    return {r.info.run_id: r.data.tags[tracking.CURRENT_TAG] for r in runs}
+def test_one_experiment_per_study_family_with_description_and_relative_artifacts(tracker):
+    assert tracking.experiment_name("embedded", "density") == "sdn-embedded-density"
+    exp = tracker.client.get_experiment_by_name("sdn-test-density")
+    assert exp.experiment_id == tracker.experiment_id
+    note = exp.tags["mlflow.note.content"]
+    assert "density" in note and "results/test/metrics/" in note and "test/<key>" in note
+    # No absolute path in the store: the location is relative to the store's folder.
+    assert exp.artifact_location == "mlflow-artifacts:/sdn-test-density"
+    other = tracking.Tracker.for_family("test", "disentanglement")
+    assert other.experiment_id != tracker.experiment_id
+    assert "disentanglement" in other.client.get_experiment(other.experiment_id).tags["mlflow.note.content"]
+    # Reopening an experiment finds it again (no duplicate, description kept).
+    assert tracking.Tracker.for_family("test", "density").experiment_id == tracker.experiment_id
+    with pytest.raises(ValueError, match="experiment"):
+        tracking.Tracker("")
 
 
-def test_rerun_creates_a_new_current_run_and_demotes_the_old(tracker, monkeypatch):
-    monkeypatch.setenv("DVC_STAGE", "train_density@patches32-sdn-0")
+def test_run_names_and_tags(tracker, monkeypatch):
+    monkeypatch.setenv("DVC_STAGE", "train_density@patches32-sdn")
     key = tracker.key("patches32", "sdn", 0)
-    other = tracker.key("patches32", "cnn", 0)
     params = {"train": {"lr": 0.002, "steps": 4}, "model_config": {"ds_list": (0, 1)}}
-    first = tracker.new_run(key, params, {"family": "density"})
-    kept = tracker.new_run(other, params, {})
-    second = tracker.new_run(key, params, {"family": "density"})
-    assert first != second
-    assert _current(tracker, key) == {first: "false", second: "true"}
-    assert tracker.current_run_id(key) == second
-    assert _current(tracker, other) == {kept: "true"}
-    run = tracker.client.get_run(second)
+    run_id = tracker.new_run(key, params, {"family": "density"})
+    run = tracker.client.get_run(run_id)
+    assert run.info.run_name == "patches32/sdn/seed0"
     assert run.data.params["train.lr"] == "0.002" and run.data.params["model_config.ds_list"] == "[0, 1]"
     tags = run.data.tags
-    assert (tags["dataset"], tags["model"], tags["seed"]) == ("patches32", "sdn", "0")
-    assert tags["dvc_stage"] == "train_density@patches32-sdn-0"
-    assert tags["family"] == "density" and tags["version.torch"] != "absent" and "git_commit" in tags
-    assert run.info.run_name == "patches32/sdn/seed0"
+    assert (tags["dataset"], tags["model"], tags["seed"], tags["family"]) == ("patches32", "sdn", "0", "density")
+    assert tags["dvc_stage"] == "train_density@patches32-sdn" and tags["dvc_experiment"] == "workspace"
+    assert tags["mlflow.source.name"] == "dvc stage train_density@patches32-sdn"
+    assert tags["mlflow.user"] and tags["version.torch"] != "absent"
+    assert tags["git_dirty"] in ("true", "false") and len(tags["git_commit"]) == 40
+    assert "current" not in tags
+    # In a DVC experiment: its name, and the baseline commit (the experiment's commit does not exist yet).
+    monkeypatch.setenv("DVC_EXP_NAME", "tiny-exp")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", tags["git_commit"])
+    tags = tracker.client.get_run(tracker.new_run(key, params, {})).data.tags
+    assert tags["dvc_experiment"] == "tiny-exp" and tags["mlflow.runName"] == "patches32/sdn/seed0 [tiny-exp]"
+    assert tags["git_commit"] == tags["mlflow.source.git.commit"]
+    assert tags["mlflow.source.name"] == "dvc stage train_density@patches32-sdn (experiment tiny-exp)"
 
 
-def test_run_for_update_reuses_the_current_run_or_creates_one(tracker):
-    key = tracker.key("dsprites_procedural", "cnn", 1)
-    created = tracker.run_for_update(key, {"a": 1}, {"family": "disentanglement"})
-    assert tracker.client.get_run(created).data.tags["note"].startswith("no training run")
-    assert tracker.run_for_update(key, {"a": 1}, {"extra": "x"}) == created
-    assert tracker.client.get_run(created).data.tags["extra"] == "x"
+def test_git_state_ignores_untracked_and_dvc_written_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    repo = tmp_path / "repo"
+    _git_init(repo)
+    (repo / "params.yaml").write_text("a: 1\n")
+    (repo / "results").mkdir()
+    (repo / "results" / "m.json").write_text("{}\n")
+    (repo / "dvc.lock").write_text("x\n")
+    commit = _git_commit_all(repo)
+    assert tracking.git_state(repo) == {"git_commit": commit, "git_dirty": "false"}
+    (repo / "untracked.txt").write_text("new\n")
+    (repo / "results" / "m.json").write_text('{"a": 1}\n')
+    (repo / "dvc.lock").write_text("y\n")
+    assert tracking.git_state(repo)["git_dirty"] == "false"
+    (repo / "params.yaml").write_text("a: 2\n")
+    assert tracking.git_state(repo) == {"git_commit": commit, "git_dirty": "true"}
+    # A DVC experiment: dirty = differs from the baseline commit (here: params.yaml).
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", commit)
+    assert tracking.git_state(repo) == {"git_commit": commit, "git_dirty": "true"}
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    (tmp_path / "nogit").mkdir()
+    assert tracking.git_state(tmp_path / "nogit") == {"git_commit": "none", "git_dirty": "unknown"}
 
 
-def test_metrics_artifacts_and_callback(tracker, tmp_path):
-    key = tracker.key("patches32", "cnn", 2)
-    run_id = tracker.new_run(key, {}, {})
+def test_callback_metric_keys_timing_and_artifacts_next_to_the_store(tracker, store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # artifacts go next to the store, never into the cwd
+    run_id = tracker.new_run(tracker.key("patches32", "cnn", 2), {}, {})
     callback = tracking.MlflowCallback(tracker, run_id)
-    callback.on_train_start({"device": "cpu", "world_size": 1, "num_parameters": 123})
+    callback.on_train_start({"device": "cpu", "world_size": 1, "config": {"batch_size": 8}, "start_step": 0})
     callback.on_step_end(2, {"loss": 5.0, "bpd": 3.0})
+    callback.on_eval(2, {"elbo_bpd": 2.7})
+    callback.on_checkpoint(2, tmp_path)
     callback.on_step_end(4, {"loss": 4.0, "bpd": 2.5})
-    callback.on_eval(4, {"bpd": 2.6})
-    tracker.log_metrics(run_id, {"iw_bpd": 2.4, "fid": "n/a", "bad": float("nan")})
+    callback.on_eval(4, {"elbo_bpd": 2.6})
+    callback.on_checkpoint(4, tmp_path)
+    callback.on_train_end({"steps": 4})
+    tracker.log_metrics(run_id, {"num_params": 123, "fid": "n/a", "bad": float("nan"), "flag": True}, step=4)
     history = tracker.client.get_metric_history(run_id, "train/bpd")
     assert [(m.step, m.value) for m in history] == [(2, 3.0), (4, 2.5)]
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "validation/elbo_bpd")] == [2, 4]
+    seconds = tracker.client.get_metric_history(run_id, "train/seconds")
+    assert [m.step for m in seconds] == [2, 4] and 0 < seconds[0].value <= seconds[1].value
+    assert callback.seconds == seconds[1].value
     metrics = tracker.client.get_run(run_id).data.metrics
-    assert metrics["iw_bpd"] == 2.4 and metrics["num_params"] == 123 and metrics["train/eval_bpd"] == 2.6
-    assert "fid" not in metrics and "bad" not in metrics
+    assert metrics["train/images_per_second"] == pytest.approx(4 * 8 / callback.seconds)
+    assert metrics["num_params"] == 123 and not {"fid", "bad", "flag"} & set(metrics)
+    assert not [k for k in metrics if k.startswith("train_") or k.startswith("train/eval_")]
     png = tmp_path / "grid.png"
     png.write_bytes(b"\x89PNG\r\n")
     tracker.log_artifact(run_id, png, name="samples.png")
+    tracker.log_artifact(run_id, png, "samples", name="samples_t0.6.png")
+    assert tracker.list_artifacts(run_id) == ["samples.png", "samples/samples_t0.6.png"]
+    assert tracker.client.get_run(run_id).info.artifact_uri == f"mlflow-artifacts:/sdn-test-density/{run_id}/artifacts"
+    assert (store / "mlartifacts" / "sdn-test-density" / run_id / "artifacts" / "samples.png").read_bytes() == png.read_bytes()
+    assert not (tmp_path / "mlartifacts").exists()
+
+
+def test_later_stages_log_into_the_finished_run_without_moving_its_end(tracker, tmp_path):
+    run_id = tracker.new_run(tracker.key("patches32", "sdn", 0), {}, {})
+    model_dir = tmp_path / "models" / "seed0"
+    tracking.write_run_file(model_dir / tracking.RUN_FILE, run_id, tracker.experiment, tracker.experiment_id)
+    tracker.stage_done(run_id, "train", "density")
     tracker.finish(run_id)
-    assert [a.path for a in tracker.client.list_artifacts(run_id)] == ["samples.png"]
-    assert tracker.client.get_run(run_id).info.status == "FINISHED"
-    # Artifacts of a SQLite store sit next to the database, not in the working directory.
-    assert (tmp_path / tracking.ARTIFACT_DIR / "sdn-test").is_dir()
+    end = tracker.client.get_run(run_id).info.end_time
+    key = tracker.key("patches32", "sdn", 0)
+    assert tracker.run_of_model(model_dir, key, {}, {"study": "test"}) == run_id
+    tracker.log_metrics(run_id, {"test/iw_bpd": 2.5})  # MLflow accepts metrics on a finished run
+    tracker.stage_done(run_id, "evaluate", "density")
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time == end and run.data.metrics["test/iw_bpd"] == 2.5
+    assert "complete" not in run.data.tags
+    # A failed fid stage marks the run FAILED (end time kept); its successful rerun restores it.
+    tracker.stage_failed(run_id, "fid")
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.info.end_time == end
+    tracker.stage_done(run_id, "fid", "density")
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time == end and run.data.tags["complete"] == "true"
+    assert "failed_stage" not in run.data.tags
+    # The workspace's runs: the run files beside the models (not those in checkpoint folders).
+    tracking.write_run_file(model_dir / "checkpoints" / "abc" / tracking.RUN_FILE, "other", "e", "1")
+    assert tracking.workspace_runs(tmp_path) == [run_id]
+    found = tracker.client.search_runs([tracker.experiment_id], tracking.workspace_filter(tmp_path))
+    assert [r.info.run_id for r in found] == [run_id]
+    # A model folder naming no run of the store (made before runs were recorded) gets a run saying so.
+    orphan = tracker.run_of_model(tmp_path / "nowhere", key, {}, {})
+    assert orphan != run_id and "names no run" in tracker.client.get_run(orphan).data.tags["note"]
 
 
-def test_bad_experiment_name(tracker):
-    with pytest.raises(ValueError, match="experiment"):
-        tracking.Tracker("")
+def test_run_file_is_atomic_json(tmp_path):
+    path = tracking.write_run_file(tmp_path / "a" / tracking.RUN_FILE, "abc", "sdn-x-density", "3")
+    assert json.loads(path.read_text()) == {"run_id": "abc", "experiment": "sdn-x-density", "experiment_id": "3"}
+    assert [p.name for p in path.parent.iterdir()] == [tracking.RUN_FILE]
+    assert tracking.read_run_file(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{")
+    assert tracking.read_run_file(tmp_path / "bad.json") is None
+
+
+def test_open_training_run_new_resumed_finished_and_stale(tracker, tmp_path):
+    key = tracker.key("patches32", "sdn", 1)
+    ckpts = tmp_path / "models" / "seed1" / "checkpoints"
+    stale = tracking.open_training_run(tracker, ckpts / "old", key, {}, {})
+    assert stale.mode == "new"
+    first = tracking.open_training_run(tracker, ckpts / "cfg", key, {}, {})
+    assert first.mode == "new" and tracking.read_run_file(ckpts / "cfg" / tracking.RUN_FILE)["run_id"] == first.run_id
+    # The run of the discarded sibling configuration is not left RUNNING.
+    assert tracker.status(stale.run_id) == "KILLED"
+    tracker.log_metrics(first.run_id, {"train/loss": 3.0}, step=2)
+    tracker.log_metrics(first.run_id, {"train/loss": 2.0}, step=4)
+    # A SIGKILL leaves it RUNNING; the rerun reopens it and does not log steps it already has.
+    again = tracking.open_training_run(tracker, ckpts / "cfg", key, {}, {})
+    assert (again.run_id, again.mode) == (first.run_id, "resumed")
+    fresh = tracking.Tracker.for_family("test", "density")  # the rerun is a new process
+    fresh.reopen(first.run_id)
+    fresh.log_metrics(first.run_id, {"train/loss": 2.0}, step=4)
+    fresh.log_metrics(first.run_id, {"train/loss": 1.0}, step=6)
+    history = tracker.client.get_metric_history(first.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(2, 3.0), (4, 2.0), (6, 1.0)]
+    assert tracker.client.get_run(first.run_id).data.tags["resumed"] == "1"
+    tracker.finish(first.run_id)
+    done = tracking.open_training_run(tracker, ckpts / "cfg", key, {}, {})
+    assert (done.run_id, done.mode) == (first.run_id, "finished")
+    assert tracker.status(first.run_id) == "FINISHED"
+
+
+def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path):
+    """Seeds side by side and parallel DVC experiments on a fresh clone all create/migrate the
+    store at once: the store lock serialises that (without it: `_alembic_tmp_experiments exists`)."""
+    import os
+    import sys
+
+    code = ("from pipelines import tracking; t = tracking.Tracker.for_family('race', 'density'); "
+            "t.finish(t.new_run(t.key('d', 'm', 0), {}, {}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env.update({tracking.ROOT_ENV: str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)[-3000:]
+    client = tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sdn-race-density")
+    assert len(client.search_runs([exp.experiment_id])) == 3
