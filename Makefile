@@ -42,7 +42,7 @@ repro-paper: setup
 PORT ?= 5000
 ui: setup
 	$(VENV)/bin/mlflow server --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
-		--host 127.0.0.1 --port $(PORT) --workers 1
+		--artifacts-destination "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(PORT) --workers 1
 
 test: setup
 	@$(DVC_ENV) $(PY) -m pytest; rc=$$?; \

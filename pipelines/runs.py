@@ -92,3 +92,10 @@ def results_paths(results: Path, run: Run) -> RunPaths:
     return RunPaths(StageDirs(models=under("models"), samples=under("samples"),
                               train_metrics=under("metrics", "train"), curves=under("curves"),
                               eval_metrics=under("metrics", "eval"), fid_metrics=under("metrics", "fid")), run.seed)
+
+
+def experiment_name(study_name: str, family: str) -> str:
+    """The MLflow experiment of one study family: ``sdn-<study>-<family>`` (e.g. ``sdn-embedded-density``)."""
+    if not study_name or not family:
+        raise ValueError(f"study name and family must be non-empty, got {study_name!r}, {family!r}")
+    return f"sdn-{study_name}-{family}"

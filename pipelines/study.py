@@ -47,11 +47,6 @@ class Study:
         return self.validated.study.name
 
     @property
-    def experiment(self) -> str:
-        """MLflow experiment of this study."""
-        return f"sdn-{self.name}"
-
-    @property
     def seeds(self) -> list[int]:
         return list(self.validated.study.seeds)
 
@@ -239,9 +234,9 @@ def run_stage(description: str, module: str, run_one: Callable[[Study, Run, RunP
         for run in runs:
             run_one(study, run, RunPaths(stage_dirs, run.seed))
         return
-    from pipelines.tracking import Tracker
+    from pipelines.tracking import prepare_store
 
-    Tracker(study.experiment)  # create (and migrate) the store once, before the runs race to do it
+    prepare_store()  # create (and migrate) the store once, before the runs race to do it
     argv = list(sys.argv[1:] if argv is None else argv)
     failed = run_side_by_side({run.seed: [sys.executable, "-m", module, *argv, "--seed", str(run.seed)] for run in runs},
                               study.runs_at_once, study.threads_per_run)

@@ -45,7 +45,8 @@ import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipelines.provenance import package_versions  # noqa: E402
+from pipelines.provenance import package_versions
+from pipelines.runs import experiment_name  # noqa: E402
 from sdn.callbacks import Callback  # noqa: E402
 
 ROOT_ENV = "SDN_REPO_ROOT"
@@ -74,13 +75,6 @@ _FAMILY_TEXT = {
         "section. `train/*` is the training curve (step = optimizer step), `test/*` the evaluate "
         "stage's disentanglement metrics of the encoder mean and the active latent dimensions."),
 }
-
-
-def experiment_name(study_name: str, family: str) -> str:
-    """The MLflow experiment of one study family: ``sdn-<study>-<family>`` (e.g. ``sdn-embedded-density``)."""
-    if not study_name or not family:
-        raise ValueError(f"study name and family must be non-empty, got {study_name!r}, {family!r}")
-    return f"sdn-{study_name}-{family}"
 
 
 def experiment_description(study_name: str, family: str) -> str:

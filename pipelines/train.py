@@ -21,7 +21,7 @@ import torch
 
 from pipelines.study import Run, RunPaths, Study, run_stage
 from sdn.callbacks import CurveWriter
-from sdn.checkpoint import remove_other_checkpoints, run_checkpoint_dir
+from sdn.checkpoint import has_checkpoint, remove_other_checkpoints, run_checkpoint_dir
 from sdn.data.augment import RandomHFlip
 from sdn.images import save_image_grid
 from sdn.models import count_parameters
@@ -70,8 +70,6 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     if rank == 0:
         from pipelines.tracking import MlflowCallback, open_training_run
 
-        for path in (paths.samples, paths.train_metrics, paths.curve):
-            path.parent.mkdir(parents=True, exist_ok=True)
         # The run is recorded beside the checkpoint before training starts: an interrupted
         # training resumes its checkpoint and its MLflow run together.
         mlflow_run = open_training_run(
@@ -93,6 +91,8 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             tracker.client.set_tag(mlflow_run.run_id, "error", f"{type(error).__name__}: {error}"[:4000])
             tracker.finish(mlflow_run.run_id, status)
+        if rank == 0 and checkpoint_dir.is_dir() and not has_checkpoint(checkpoint_dir):
+            shutil.rmtree(checkpoint_dir)  # nothing to resume from: leave no folder behind
         raise
 
 
@@ -101,6 +101,8 @@ def _export(study, run, paths, family, result, num_params, checkpoint_dir, curve
     """Rank 0 after training: the run's files (DVC outputs) and its MLflow metrics and artifacts."""
     from pipelines.tracking import RUN_FILE, log_throughput, write_run_file
 
+    for path in (paths.samples, paths.train_metrics, paths.curve):
+        path.parent.mkdir(parents=True, exist_ok=True)
     remove_other_checkpoints(checkpoint_dir)
     shutil.copyfile(curve, paths.curve)
     eval_model = result.eval_model.eval()

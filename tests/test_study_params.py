@@ -29,7 +29,7 @@ def embedded() -> dict:
 
 def test_embedded_study_is_valid_and_expands_like_dvc(embedded):
     s = validate(embedded)
-    assert s.name == "embedded" and s.experiment == "sdn-embedded"
+    assert s.name == "embedded"
     assert s.datasets("density") == ["patches32"] and s.models("density") == ["sdn", "cnn", "cnn_matched"]
     assert s.datasets("disentanglement") == ["dsprites_procedural"] and s.models("disentanglement") == ["cnn", "sdn"]
     runs = s.runs()

@@ -17,7 +17,7 @@ from pipelines.provenance import package_versions
 from pipelines.reporting import Records
 from pipelines.reporting.claims import claims_section
 from pipelines.reporting.figures import copy_grid, write_plot_data
-from pipelines.runs import results_paths
+from pipelines.runs import experiment_name, results_paths
 from pipelines.study import Study, validate
 
 PAPER_FID_SAMPLES = 50_000
@@ -86,7 +86,8 @@ def _configuration(study: Study, params: Mapping[str, Any]) -> list[str]:
     s = params["study"]
     index = ["## Configuration\n",
              f"- study `{s['name']}`, seeds {list(s['seeds'])} ({s['runs_at_once']} at a time, "
-             f"{s['threads_per_run'] or 'default'} thread(s) each), MLflow experiment `{study.experiment}`"]
+             f"{s['threads_per_run'] or 'default'} thread(s) each), MLflow experiments "
+             + ", ".join(f"`{experiment_name(study.name, family)}`" for family in families())]
     for family in families():
         models = list(s[family]["models"])
         for dataset in s[family]["datasets"]:
