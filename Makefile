@@ -11,7 +11,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 # Stage commands call `python`: DVC must see the venv first on PATH.
 DVC_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: setup repro repro-paper compare test test-fast ui bench clean
+.PHONY: setup repro repro-paper compare plots test test-fast ui bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ repro-paper: setup
 	@test -d "$(PAPER_DIR)" || git worktree add --detach "$(PAPER_DIR)" HEAD
 	cp params-paper.yaml "$(PAPER_DIR)/params.yaml"
 	cd "$(PAPER_DIR)" && $(DVC_ENV) $(CURDIR)/$(VENV)/bin/dvc repro
+
+# The DVC plots (one chart per dataset, its models overlaid) as pages that open offline:
+# dvc_plots/offline/index.html (`dvc plots show` loads Vega from a CDN). ARGS=--all adds per-run curves.
+plots: setup
+	$(DVC_ENV) $(PY) -m pipelines.plots $(ARGS)
 
 # MLflow UI on the study's store, on the loopback interface only (`make ui PORT=5001` for another port).
 PORT ?= 5000
