@@ -89,6 +89,8 @@ def test_unknown_names_list_the_allowed_values(embedded):
     assert "study.density.models" in msg and "pixelcnn" in msg and "cnn_matched" in msg
     msg = _bad(embedded, lambda p: p["study"]["disentanglement"]["models"].append("cnn_matched"))
     assert "study.disentanglement.models" in msg and "['cnn', 'sdn']" in msg
+    msg = _bad(embedded, lambda p: p["disentanglement"]["dsprites_procedural"]["metrics"].update(metrics=["mig", "irs"]))
+    assert "disentanglement.dsprites_procedural.metrics.metrics" in msg and "irs" in msg and "'sap'" in msg
     msg = _bad(embedded, lambda p: p["density"]["patches32"].update(config="cifar100"))
     assert "density.patches32.config" in msg and "cifar10" in msg and "embedded" in msg
 

@@ -3,19 +3,16 @@ scored by ELBO and importance-weighted bits/dim, with validation bpd on the trai
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Annotated, Any, Mapping, Optional
 
 import numpy as np
-import torch
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from typing_extensions import Annotated
 
 from pipelines.families import EVAL_SEED, Family
 from pipelines.reporting.density import REPORT
 from pipelines.schema import FamilySection, PositiveInt, Section
-
 
 
 class DensityEval(Section):
@@ -33,6 +30,8 @@ class DensitySection(FamilySection):
 
 
 class Density(Family):
+    """The hierarchical VAE of the paper's density experiments (``sdn.models.hvae``)."""
+
     name = "density"
     has_factors = False
     report = REPORT

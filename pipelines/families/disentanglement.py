@@ -8,14 +8,14 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import field_validator
 from torch import nn
-from typing_extensions import Annotated
 
 from pipelines.families import EVAL_SEED, Family
 from pipelines.reporting.disentanglement import REPORT
-from sdn.images import save_image_grid
 from pipelines.schema import FamilySection, PositiveInt, Section
+from sdn.images import save_image_grid
+from sdn.metrics.disentanglement import METRIC_NAMES
 
 DECODERS = ("cnn", "sdn")  # the vanilla VAE's decoder kinds
 RECONSTRUCTED = 8  # inputs shown above their reconstructions (the same grid points for every run)
@@ -28,8 +28,15 @@ class MetricsSection(Section):
     num_eval: Optional[PositiveInt] = None
     batch_size: PositiveInt = 64
     encode_batch_size: Optional[PositiveInt] = None
-    metrics: list[Annotated[str, Field(pattern="^(beta_vae|factor_vae|mig|dci|sap)$")]] = [
-        "beta_vae", "factor_vae", "mig", "dci", "sap"]
+    metrics: list[str] = list(METRIC_NAMES)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, metrics: list[str]) -> list[str]:
+        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; allowed: {METRIC_NAMES}")
+        return metrics
 
 
 class DisentanglementSection(FamilySection):
@@ -39,6 +46,8 @@ class DisentanglementSection(FamilySection):
 
 
 class Disentanglement(Family):
+    """The vanilla VAE of the paper's disentanglement experiments (``sdn.models.vanilla_vae``)."""
+
     name = "disentanglement"
     has_factors = True
     report = REPORT
