@@ -179,6 +179,11 @@ def test_build_report_from_metrics_files(tmp_path):
     assert "## Versions" in index and "## Reduced from the paper" in index
     assert "n/a (no Inception weights: set fid.weights_path)" in (tmp_path / "reports" / "fid.md").read_text()
     assert (tmp_path / "reports" / "figures" / "curves_patches32.png").is_file()
+    summary = _json.loads((tmp_path / "reports" / "summary.json").read_text())  # the DVC metric of the report
+    assert summary["patches32.sdn.iw_bpd"] == pytest.approx(np.mean(iw["sdn"]), rel=1e-12)
+    assert summary["patches32.cnn.elbo_bpd"] == pytest.approx(np.mean(iw["cnn"]) + 0.1, rel=1e-12)
+    assert summary["dsprites_procedural.sdn.mig.discrete_mig"] == pytest.approx(0.61)
+    assert not any("settings" in k or "num_train" in k for k in summary)
 
 
 def test_small_sample_grids_are_enlarged_pixel_for_pixel(tmp_path):

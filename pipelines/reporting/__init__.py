@@ -26,3 +26,4 @@ class FamilyReport(NamedTuple):
     check_tables: Callable[[list[dict[str, Any]]], list[str]]  # markdown of its run checks
     section: Callable[..., list[str]]  # (records, params, paper, confidence, out_dir) -> index.md lines; writes its files
     reductions: Callable[[Mapping[str, Any]], list[str]]  # params -> what differs from the paper's protocol
+    summary: tuple[str, ...] = ()  # eval metrics whose seed means go to summary.json (a DVC metric)

@@ -180,4 +180,4 @@ def reductions(params: Mapping[str, Any]) -> list[str]:
 
 
 REPORT = FamilyReport(claims=claims, num_factors=lambda study: {}, run_checks=run_checks, check_text=CHECK_TEXT,
-                      check_tables=check_tables, section=section, reductions=reductions)
+                      check_tables=check_tables, section=section, reductions=reductions, summary=METRICS)

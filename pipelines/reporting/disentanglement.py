@@ -107,4 +107,5 @@ def reductions(params: Mapping[str, Any]) -> list[str]:
 
 
 REPORT = FamilyReport(claims=claims, num_factors=num_factors, run_checks=run_checks, check_text=CHECK_TEXT,
-                      check_tables=check_tables, section=section, reductions=reductions)
+                      check_tables=check_tables, section=section, reductions=reductions,
+                      summary=HEADLINE + ("active_units.count",))

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import pandas as pd
+
 from pipelines.families import families
 from pipelines.provenance import package_versions
 from pipelines.reporting import Records
@@ -45,6 +47,21 @@ def collect_records(study: Study, results: Path) -> list[dict[str, Any]]:
             "samples": paths.samples, "reconstructions": paths.reconstructions,
         })
     return records
+
+
+SUMMARY = "summary.json"
+
+
+def summary_metrics(records: Records, reports: Mapping[str, Any]) -> dict[str, float]:
+    """``<dataset>.<model>.<metric>`` -> mean over seeds of each family's summary metrics: one
+    short, unique key per number, so ``dvc exp show`` / ``dvc metrics diff`` columns stay narrow."""
+    rows = [{"dataset": r["dataset"], "model": r["model"], "metric": k, "value": float(r["metrics"][k])}
+            for r in records for k in reports[r["family"]].summary
+            if isinstance(r["metrics"].get(k), (int, float))]
+    if not rows:
+        return {}
+    means = pd.DataFrame(rows).groupby(["dataset", "model", "metric"], sort=True)["value"].mean()
+    return {f"{d}.{m}.{k}": float(v) for (d, m, k), v in means.items()}
 
 
 def _samples(records: Records, params: Mapping[str, Any], figures: Path) -> list[str]:
@@ -137,4 +154,5 @@ def build_report(params: Mapping[str, Any], paper: Mapping[str, Any], out_dir: P
     index += ["\n## Reduced from the paper\n", *(f"- {r}" for r in reductions(params) or ["nothing: the paper's protocol"]),
               "\nPaper values come from `reports/paper_results.yaml` (source and verified flag per value).\n"]
     (out_dir / "index.md").write_text("\n".join(index) + "\n")
+    (out_dir / SUMMARY).write_text(json.dumps(summary_metrics(records, reports), indent=2, sort_keys=True) + "\n")
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
