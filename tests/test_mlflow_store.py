@@ -6,60 +6,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 from pipelines import tracking
 
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+import pipeline_harness as harness
 
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=30) as response:
         return response.read()
 
 
-def _serve(root: Path, log: Path):
-    """`mlflow server` on ``root``'s store, started in ``root`` (the Makefile's `make ui`)."""
-    port = _free_port()
+def _server_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", tracking.ROOT_ENV, "DVC_ROOT")}
     env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if _get(f"{base}/health"):
-                return proc, base
-        except OSError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "mlflow server did not come up"
-        time.sleep(0.5)
-
-
-def _stop(proc) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    return env
 
 
 def test_server_serves_artifacts_of_a_moved_store(tmp_path, monkeypatch):
@@ -83,13 +44,10 @@ def test_server_serves_artifacts_of_a_moved_store(tmp_path, monkeypatch):
     assert not original.exists()
     assert str(original) not in (moved / "mlflow.db").read_bytes().decode("latin-1")
 
-    proc, base = _serve(moved, tmp_path / "server.log")
-    try:
+    with harness.mlflow_server(moved, tmp_path / "server.log", _server_env()) as base:
         assert _get(f"{base}/get-artifact?path=samples.png&run_uuid={run_id}") == payload
         assert _get(f"{base}/get-artifact?path=metrics/eval.json&run_uuid={run_id}") == payload
         listed = json.loads(_get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={run_id}"))
         assert {f["path"] for f in listed["files"]} == {"samples.png", "metrics"}
         proxied = _get(f"{base}/api/2.0/mlflow-artifacts/artifacts/sdn-moved-density/{run_id}/artifacts/samples.png")
         assert proxied == payload
-    finally:
-        _stop(proc)

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -110,12 +106,6 @@ def test_reports_hold_the_metrics_files_numbers(built):
         assert (reports / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _request(url: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -125,26 +115,7 @@ def _request(url: str, body: dict | None = None) -> dict:
 
 def test_mlflow_server_shows_the_runs(built, tmp_path):
     ws, _ = built
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(harness.BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{ws / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=ws, env=harness.env(ws), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
+    with harness.mlflow_server(ws, tmp_path / "server.log", harness.env(ws)) as base:
         runs = {}
         for family in ("density", "disentanglement"):
             exp = _request(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sdn-embedded-{family}")
@@ -170,14 +141,6 @@ def test_mlflow_server_shows_the_runs(built, tmp_path):
         vae = runs[("dsprites_procedural", "sdn", "1")]["info"]["run_id"]
         listed = _request(f"{base}/api/2.0/mlflow/artifacts/list?run_id={vae}")
         assert "reconstructions.png" in {f["path"] for f in listed["files"]}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_one_models_params_rerun_only_that_model(built, tmp_path):
