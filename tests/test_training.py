@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+import ddp_worker
 from sdn.callbacks import Callback, CallbackList, CurveWriter
 from sdn.checkpoint import (
     CorruptCheckpointError,
@@ -38,8 +35,6 @@ from sdn.checkpoint import (
 from sdn.distributed import ShardedBatchSampler, derive_seed, epoch_permutation
 from sdn.ema import ExponentialMovingAverage
 from sdn.training import NonFiniteLossError, TrainConfig, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -663,23 +658,8 @@ def test_curve_writer_formats(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_single_process_run(tmp_path):
-    worker = REPO / "tests" / "ddp_worker.py"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=180, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"result_rank{r}_of2.pt") for r in range(2)]
-
-    spec = importlib.util.spec_from_file_location("ddp_worker", worker)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    single = module.run(tmp_path)
+    ranks = ddp_worker.launch(tmp_path, 2)
+    single = ddp_worker.run(tmp_path)
 
     for key in single["params"]:
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
@@ -687,12 +667,15 @@ def test_ddp_two_processes_match_single_process_run(tmp_path):
         torch.testing.assert_close(ranks[0]["params"][key], single["params"][key], rtol=0, atol=1e-5)
         torch.testing.assert_close(ranks[0]["ema"][key], single["ema"][key], rtol=0, atol=1e-5)
     torch.manual_seed(0)
-    initial = module.DeterministicNet().state_dict()
+    initial = ddp_worker.DeterministicNet().state_dict()
     assert all(not torch.equal(initial[k], single["params"][k]) for k in initial)  # training moved them
     assert ranks[0]["metrics"] == ranks[1]["metrics"]  # reduced across ranks
     for name, value in single["metrics"].items():
         assert ranks[0]["metrics"][name] == pytest.approx(value, rel=1e-5)
     assert ranks[0]["steps"] == 6
+    # eval_fn ran on both ranks (its all-reduce returned) and rank 0's metrics are every rank's result
+    assert single["eval_metrics"] == {"rank": 0.0, "rank_sum": 0.0}
+    assert ranks[0]["eval_metrics"] == ranks[1]["eval_metrics"] == {"rank": 0.0, "rank_sum": 1.0}
     # only rank 0 wrote logs and the checkpoint; the checkpoint holds both ranks' RNG states
     assert (tmp_path / "curve_rank0_of2.csv").is_file() and not (tmp_path / "curve_rank1_of2.csv").exists()
     state = read_checkpoint(tmp_path / "ckpt_2")
@@ -790,9 +773,72 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(tmp_path):
     assert read_checkpoint(tmp_path)["scaler"]["scale"] == 2.0**16 * 0.5  # default init scale, backed off once
 
 
-def test_non_finite_loss_under_fp16_still_stops_the_run(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="step 2"):
-        train(fresh_model(nan_at_call=2), CountingDataset(24), config(steps=4, precision="fp16"), tmp_path)
+class NaNAtCalls(LinearDenoiser):
+    """Deterministic model whose loss is NaN on the training forward calls (1-based) in ``nan_calls``
+    (every call from ``nan_from`` on, if given); it records each finite loss it returns."""
+
+    def __init__(self, nan_calls=(), nan_from=None) -> None:
+        super().__init__()
+        self.nan_calls, self.nan_from, self.calls, self.losses = set(nan_calls), nan_from, 0, []
+
+    def forward(self, images):
+        out = super().forward(images)
+        out["loss"] = out["loss"] * 1e-4  # small enough that the initial scale 2**16 does not overflow
+        self.calls += 1
+        if self.calls in self.nan_calls or (self.nan_from is not None and self.calls >= self.nan_from):
+            out["loss"] = out["loss"] * float("nan")
+        else:
+            self.losses.append(float(out["loss"].detach()))
+        return out
+
+
+def test_non_finite_loss_under_fp16_is_skipped_like_an_overflow(tmp_path):
+    torch.manual_seed(0)
+    model = NaNAtCalls(nan_calls={2})
+    weights = {}
+
+    class Snapshot(Callback):
+        def on_step_end(self, step, metrics):
+            weights[step] = model.conv.weight.detach().clone()
+
+    recorder = Recorder()
+    cfg = config(steps=4, checkpoint_every=4, log_every=2, ema_decay=None, grad_clip=None, precision="fp16")
+    train(model, CountingDataset(24), cfg, tmp_path, callbacks=[Snapshot(), recorder])
+    logged = dict(recorder.steps)
+    assert logged[2]["fp16_skipped"] == 0.5 and logged[4]["fp16_skipped"] == 0.0  # window means of 0/1 flags
+    # the skipped step's NaN loss is left out of the window mean: step 1's loss alone
+    assert logged[2]["loss"] == pytest.approx(model.losses[0], rel=1e-6)
+    assert logged[4]["loss"] == pytest.approx((model.losses[1] + model.losses[2]) / 2, rel=1e-6)
+    assert not torch.equal(weights[2], weights[4])
+    state = read_checkpoint(tmp_path)
+    assert state["scaler"]["scale"] == 2.0**16 * 0.5  # backed off once, as for an overflow
+    assert state["skipped_in_a_row"] == 0
+
+
+def test_fp16_stops_only_after_max_nonfinite_in_a_row_and_the_streak_survives_resume(tmp_path):
+    # two separate skips (calls 2, 4) never make 2 in a row: the run finishes
+    torch.manual_seed(0)
+    cfg = config(steps=6, checkpoint_every=3, ema_decay=None, precision="fp16", max_nonfinite_in_a_row=2)
+    train(NaNAtCalls(nan_calls={2, 4}), CountingDataset(24), cfg, tmp_path / "apart")
+    # NaN from step 2 on, at most 3 in a row: stops at step 4 naming it and the streak
+    cfg = config(steps=6, checkpoint_every=3, ema_decay=None, precision="fp16", max_nonfinite_in_a_row=3)
+    with pytest.raises(NonFiniteLossError, match=r"step 4 .*after 3 fp16 steps in a row") as info:
+        train(NaNAtCalls(nan_from=2), CountingDataset(24), cfg, tmp_path / "streak")
+    assert info.value.step == 4 and info.value.in_a_row == 3
+    state = read_checkpoint(tmp_path / "streak")
+    assert state["step"] == 3 and state["skipped_in_a_row"] == 2
+    # resumed at step 3 with 2 skipped steps behind it: the next NaN step (4) is the third
+    with pytest.raises(NonFiniteLossError, match="step 4") as info:
+        train(NaNAtCalls(nan_from=1), CountingDataset(24), cfg, tmp_path / "streak")
+    assert info.value.in_a_row == 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_loss_without_a_scaler_stops_at_once(tmp_path, precision):
+    cfg = config(steps=4, precision=precision, max_nonfinite_in_a_row=5)
+    with pytest.raises(NonFiniteLossError, match="step 2") as info:
+        train(fresh_model(nan_at_call=2), CountingDataset(24), cfg, tmp_path)
+    assert info.value.in_a_row == 1
 
 
 # ----------------------------------------------------------------------------- selection on validation
