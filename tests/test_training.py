@@ -335,10 +335,12 @@ def test_two_runs_of_one_config_are_bit_identical(tmp_path):
     assert other.metrics["loss"] != results[0].metrics["loss"]
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("micro_batch_size", [None, 1])
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, micro_batch_size):
     # 24 items / batch 4 = 6 steps per epoch: the checkpoint at step 5 is mid-epoch, the resumed run
-    # crosses the epoch boundary (and the per-epoch LR decay) at step 6.
-    cfg = config(steps=10, checkpoint_every=5, log_every=2)
+    # crosses the epoch boundary (and the per-epoch LR decay) at step 6. micro_batch_size 1: four
+    # accumulated micro-batches per step, each drawing the VAE's noise.
+    cfg = config(steps=10, checkpoint_every=5, log_every=2, micro_batch_size=micro_batch_size)
     full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full",
                  callbacks=[CurveWriter(tmp_path / "full.csv")])
 
@@ -367,6 +369,16 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "cut.csv").read_text() == (tmp_path / "full.csv").read_text()
     with (tmp_path / "full.csv").open() as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [2, 4, 6, 8, 10]
+
+
+def test_resuming_with_another_micro_batch_warns_and_trains_the_same_global_batches(tmp_path):
+    cfg = config(steps=6, checkpoint_every=3, micro_batch_size=2)
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path, callbacks=[Kill(at=4)])
+    data = CountingDataset(24)
+    with pytest.warns(UserWarning, match=r"micro-batches of 2 images per rank, this run uses 4"):
+        resumed = train(fresh_model(), data, config(steps=6, checkpoint_every=3), tmp_path)
+    assert resumed.start_step == 3 and resumed.steps == 6 and data.reads == 3 * 4
 
 
 def test_finished_run_is_not_trained_again(tmp_path):
@@ -833,6 +845,23 @@ def test_fp16_stops_only_after_max_nonfinite_in_a_row_and_the_streak_survives_re
     assert info.value.in_a_row == 3
 
 
+def test_fp16_grad_scaler_accumulates_micro_batches_like_one_pass(tmp_path):
+    """Under fp16 each micro-batch's loss is scaled by the same GradScaler scale and the sum is
+    unscaled once: 4 micro-batches of 1 give the update of one pass of 4 (fp16 rounding apart)."""
+    results = {}  # NaNAtCalls() without NaN calls: a loss small enough not to overflow at the initial scale
+    for micro in (None, 1):
+        torch.manual_seed(0)
+        cfg = config(steps=4, checkpoint_every=4, ema_decay=None, precision="fp16", micro_batch_size=micro)
+        results[micro] = train(NaNAtCalls(), CountingDataset(24), cfg, tmp_path / str(micro))
+    torch.testing.assert_close(results[1].model.conv.weight, results[None].model.conv.weight, rtol=0, atol=1e-3)
+    assert results[1].metrics["loss"] == pytest.approx(results[None].metrics["loss"], rel=1e-3)
+    assert results[1].metrics["fp16_skipped"] == results[None].metrics["fp16_skipped"] == 0.0
+    assert read_checkpoint(tmp_path / "1")["scaler"] == read_checkpoint(tmp_path / "None")["scaler"]
+    torch.manual_seed(0)
+    untrained = NaNAtCalls()
+    assert (results[1].model.conv.weight - untrained.conv.weight).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_non_finite_loss_without_a_scaler_stops_at_once(tmp_path, precision):
     cfg = config(steps=4, precision=precision, max_nonfinite_in_a_row=5)
@@ -909,3 +938,59 @@ def test_a_torchrun_job_of_one_rank_trains_under_ddp_like_a_single_process(tmp_p
     assert recorder.starts[0]["distributed"] is True and recorder.starts[0]["world_size"] == 1
     for a, b in zip(plain.model.parameters(), ddp.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_process_group_timeout_has_a_stated_default_and_an_env_override(monkeypatch):
+    import datetime
+
+    from sdn.distributed import PROCESS_GROUP_TIMEOUT, process_group_timeout
+
+    monkeypatch.delenv("SDN_PG_TIMEOUT_S", raising=False)
+    assert process_group_timeout() == PROCESS_GROUP_TIMEOUT == datetime.timedelta(hours=2)
+    monkeypatch.setenv("SDN_PG_TIMEOUT_S", "90.5")
+    assert process_group_timeout() == datetime.timedelta(seconds=90.5)
+    for bad in ("0", "-3", "nan", "two hours"):
+        monkeypatch.setenv("SDN_PG_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="SDN_PG_TIMEOUT_S must be a positive number of seconds"):
+            process_group_timeout()
+
+
+def test_torchrun_job_starts_its_process_group_with_the_stated_timeout(tmp_path, monkeypatch):
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from sdn.distributed import setup_distributed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1", "SDN_PG_TIMEOUT_S": "123"}.items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    real = dist.init_process_group
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", spy)
+    try:
+        ctx = setup_distributed("cpu")
+        assert ctx.is_distributed and dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert calls == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=123)}]
+
+
+def test_cuda_device_is_the_local_rank_modulo_the_visible_devices(monkeypatch):
+    from sdn.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a scheduler shows each process its GPU
+    assert resolve_device("cuda", 3) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [resolve_device("auto", r).index for r in range(6)] == [0, 1, 2, 3, 0, 1]
