@@ -592,7 +592,8 @@ def _accumulate(window: dict[str, Any], values: Mapping[str, float], lr: float) 
     window["count"] += 1
     for key, value in values.items():
         if not math.isfinite(value):
-            window.setdefault("left_out", {})[key] = window.get("left_out", {}).get(key, 0) + 1
+            left_out = window.setdefault("left_out", {})
+            left_out[key] = left_out.get(key, 0) + 1
             value = 0.0
         window["sums"][key] = window["sums"].get(key, 0.0) + value
     window["lr"] = lr
