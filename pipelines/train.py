@@ -4,7 +4,9 @@ Per run: the trainer checkpoint and the weights evaluation uses, a sample grid (
 reconstructions), the training curve (DVC plots) and a metrics file, all logged to the run's MLflow
 run (``pipelines.tracking``: created here and named in ``mlflow_run.json`` beside the checkpoint and
 beside ``eval_weights.pt``; an interrupted training resumes its checkpoint and its run). Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works
-unchanged under ``torchrun`` (every rank trains; rank 0 writes files and tracks).
+unchanged under ``torchrun`` (every rank trains; rank 0 writes files and tracks): the other ranks
+wait in a barrier (``sdn.distributed.PROCESS_GROUP_TIMEOUT``) while rank 0 prepares a run and while
+it exports one, never in a collective of the trainer under a shorter watchdog.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipelines.study import Run, RunPaths, Study, run_stage
 from sdn.callbacks import CurveWriter
 from sdn.checkpoint import has_checkpoint, remove_other_checkpoints, run_checkpoint_dir
 from sdn.data.augment import RandomHFlip
+from sdn.distributed import barrier, setup_distributed
 from sdn.images import save_image_grid
 from sdn.models import count_parameters
 from sdn.seeding import make_generator, seed_everything
@@ -41,6 +44,9 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     """Train (or resume, or just re-export a finished) ``run`` and write its outputs."""
     rank = int(os.environ.get("RANK", "0"))
 
+    train_config = study.train_config(run)
+    # Under torchrun, join the process group (the trainer reuses it) before rank 0 works alone.
+    ctx = setup_distributed(train_config.device)
     dataset = study.dataset(run.dataset, "train")
     if getattr(study.model_config(run), "hflip", False):
         dataset = RandomHFlip(dataset)
@@ -48,7 +54,6 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     seed_everything(run.seed)
     model = study.build_model(run)
     num_params = count_parameters(model)
-    train_config = study.train_config(run)
 
     # The model directory is a persistent DVC output: an interrupted run resumes from the checkpoint
     # of exactly this configuration, a changed configuration starts afresh. The curve is kept beside
@@ -78,14 +83,15 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
         )
         callback = MlflowCallback(tracker, mlflow_run.run_id)
         callbacks = [CurveWriter(curve)] + ([callback] if mlflow_run.mode != "finished" else [])
+    barrier(ctx)  # no rank reads the checkpoint folder before rank 0 has tidied it
     try:
         eval_fn = family.validation_fn(study, run) if train_config.eval_every else None
         result = train(model, dataset, train_config, checkpoint_dir, callbacks=callbacks, resume=True,
                        eval_fn=eval_fn)
-        if rank != 0:
-            return
-        _export(study, run, paths, family, result, num_params, checkpoint_dir, curve, tracker, mlflow_run,
-                callback, train_config.batch_size)
+        if rank == 0:
+            _export(study, run, paths, family, result, num_params, checkpoint_dir, curve, tracker, mlflow_run,
+                    callback, train_config.batch_size)
+        barrier(ctx)  # the other ranks wait here, not in the next seed's first collective, while rank 0 exports
     except BaseException as error:
         if mlflow_run is not None and mlflow_run.mode != "finished":
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"

@@ -5,6 +5,13 @@ runs of one config on CPU give bit-identical results, and a run killed after a c
 resumed gives the same result as an uninterrupted one. Launch with ``torchrun`` for multi-GPU; the
 global batch is split into equal per-rank slices, so the result matches a single-process run.
 
+Gradient accumulation: each rank runs its slice as ``TrainConfig.micro_batch_size`` micro-batches
+(DDP's ``no_sync`` on all but the last), each loss weighted 1 / (accumulation steps), so the
+update is that of the whole global batch: 1 GPU x 4 micro-batches, 2 x 2 and 4 x 1 train on the
+same images and reach the same weights (to float rounding; a model's random draws differ). Under
+fp16 a step whose loss or gradients are not finite is skipped (GradScaler backs off) and the run
+stops only after ``TrainConfig.max_nonfinite_in_a_row`` such steps in a row.
+
 Faults lose nothing: the newest checkpoint and the one before it are kept (``sdn.checkpoint``); a
 truncated or corrupt checkpoint (or ``best.pt``) is named in a warning and the run continues from
 the previous good checkpoint, or, when none is good, restarts from step 0 (again with a warning),
@@ -14,12 +21,13 @@ checkpoint or no checkpoint folder at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -52,6 +60,7 @@ from sdn.distributed import (
     all_gather_objects,
     all_reduce_mean,
     barrier,
+    broadcast_object,
     derive_seed,
     rank_seed,
     setup_distributed,
@@ -62,6 +71,8 @@ from sdn.seeding import make_generator, seed_everything, seed_worker
 log = logging.getLogger(__name__)
 
 # Config fields that must match when resuming: changing them would silently change the result.
+# Not among them: micro_batch_size (the update is that of the same global batch; see TrainConfig),
+# max_nonfinite_in_a_row and the logging/checkpoint cadence.
 _RESUME_FIELDS = ("seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_every", "ema_decay", "grad_clip",
                   "precision", "keep_best")
 LR_SCHEDULES = ("exponential", "cosine")
@@ -93,6 +104,24 @@ class TrainConfig(ConfigBase):
     ``channels_last`` applies on CUDA only. ``deterministic`` switches on
     ``torch.use_deterministic_algorithms`` (turn it off only for a CUDA op that has no
     deterministic kernel; runs are then no longer bit-reproducible on GPU).
+
+    ``micro_batch_size`` is the images per forward/backward pass on one rank (one GPU): each
+    optimizer step runs ``accumulation_steps(batch_size, world_size, micro_batch_size)`` =
+    batch_size / (world_size * micro_batch_size) micro-batches per rank and accumulates their
+    gradients, each micro-batch's loss (a mean over its images) weighted by 1 / accumulation steps,
+    so the gradient is the mean over the global batch whatever the split; the logged metrics are
+    means over micro-batches and ranks. None: one micro-batch of batch_size / world_size per rank
+    (bit-identical to a run without accumulation). Set it to the per-GPU batch that fits in memory
+    and the same params reach the same global batch on 1, 2, 4 or 8 GPUs. It is not part of a
+    run's identity on resume: a checkpoint resumes with another micro-batch (e.g. on other GPUs),
+    with a warning, because a batch-dependent term (the HVAE's free-bits clamp acts on the
+    micro-batch mean, like the official per-GPU batch) and the model's random draws then differ.
+
+    ``max_nonfinite_in_a_row`` (fp16 only): a step whose loss or gradient norm is not finite is
+    skipped like a GradScaler overflow (no update, the scale backs off, ``fp16_skipped`` = 1, its
+    non-finite values left out of the logged means); :class:`NonFiniteLossError` stops the run at
+    the ``max_nonfinite_in_a_row``-th skipped step in a row. Under fp32/bf16 a non-finite loss or
+    gradient norm stops the run at once.
     """
 
     steps: PositiveInt
@@ -110,6 +139,8 @@ class TrainConfig(ConfigBase):
     seed: NonNegInt = 0
     num_workers: NonNegInt = 0
     precision: Annotated[str, OneOf(*PRECISIONS)] = "fp32"
+    micro_batch_size: Optional[PositiveInt] = None
+    max_nonfinite_in_a_row: PositiveInt = 20
     channels_last: bool = True
     device: Annotated[str, OneOf(*DEVICES)] = "auto"
     deterministic: bool = True
@@ -124,19 +155,47 @@ class TrainConfig(ConfigBase):
         if self.keep_best is not None and self.eval_every is None:
             raise ValueError("TrainConfig.keep_best must name a metric of eval_fn and needs eval_every, "
                              f"got keep_best={self.keep_best!r} with eval_every={self.eval_every!r}")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"TrainConfig.micro_batch_size {self.micro_batch_size} must divide "
+                             f"TrainConfig.batch_size {self.batch_size} (the global batch)")
         return self
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN/inf at ``step``; parameters were not updated with it and
-    the last checkpoint on disk (if any) is from before that step."""
+def accumulation_steps(batch_size: int, world_size: int, micro_batch_size: int | None) -> int:
+    """Micro-batches per rank and optimizer step: batch_size / (world_size * micro_batch_size), which
+    must be a whole number >= 1 (None: 1, the per-rank batch in one pass). Raises a ValueError
+    naming ``TrainConfig.micro_batch_size`` (or ``batch_size``) and the numbers otherwise."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if batch_size < 1 or batch_size % world_size:
+        raise ValueError(f"TrainConfig.batch_size (global) must be a multiple of the world size {world_size}, "
+                         f"got {batch_size}")
+    if micro_batch_size is None:
+        return 1
+    per_rank = batch_size // world_size
+    if micro_batch_size < 1 or per_rank % micro_batch_size:
+        raise ValueError(
+            f"TrainConfig.micro_batch_size {micro_batch_size} must divide the per-rank batch {per_rank} "
+            f"(TrainConfig.batch_size {batch_size} over {world_size} ranks): batch_size / (world_size * "
+            f"micro_batch_size) = {batch_size / (world_size * micro_batch_size):g} accumulation steps is not a "
+            "whole number >= 1")
+    return per_rank // micro_batch_size
 
-    def __init__(self, step: int, metrics: Mapping[str, float]) -> None:
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf at ``step`` (under fp16: at ``in_a_row`` skipped
+    steps in a row, ``step`` the last of them); parameters were not updated with it and the last
+    checkpoint on disk (if any) is from before that step."""
+
+    def __init__(self, step: int, metrics: Mapping[str, float], in_a_row: int = 1) -> None:
         self.step = step
         self.metrics = dict(metrics)
+        self.in_a_row = in_a_row
         shown = ", ".join(f"{k}={v}" for k, v in sorted(self.metrics.items()))
+        streak = (f", after {in_a_row} fp16 steps in a row were skipped (TrainConfig.max_nonfinite_in_a_row)"
+                  if in_a_row > 1 else "")
         super().__init__(
-            f"non-finite loss or gradient norm at step {step} ({shown}); training stopped, "
+            f"non-finite loss or gradient norm at step {step} ({shown}){streak}; training stopped, "
             "the last good checkpoint is kept"
         )
 
@@ -165,10 +224,11 @@ class TrainResult:
 
 def forward_backward(
     model: nn.Module, images: torch.Tensor, precision: str = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
+    scaler: torch.amp.GradScaler | None = None, loss_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Run ``model(images)`` under ``precision`` ("fp16"/"bf16": autocast on the images' device) and
-    backpropagate ``"loss"`` (multiplied by ``scaler``'s scale when given).
+    backpropagate ``"loss"`` times ``loss_weight`` (1 / accumulation steps for a micro-batch),
+    multiplied by ``scaler``'s scale when given; gradients add to those already in ``.grad``.
 
     Returns the model's output dict after checking the contract: scalar tensors including ``"loss"``.
     """
@@ -185,6 +245,8 @@ def forward_backward(
         if key in _RESERVED_METRICS:
             raise ValueError(f"model output {key!r} clashes with a metric the trainer logs itself")
     loss = out["loss"].reshape(())
+    if loss_weight != 1.0:
+        loss = loss * loss_weight
     (scaler.scale(loss) if scaler is not None else loss).backward()
     return dict(out)
 
@@ -218,8 +280,10 @@ def train(
     checkpoint the run starts from step 0. ``resume=False`` removes the directory's checkpoints.
     When the run fails (e.g. :class:`NonFiniteLossError`) before any checkpoint was written, a
     ``checkpoint_dir`` this call created is removed again if empty. Under torchrun every rank calls
-    this; ``checkpoint_dir`` must then be on a filesystem all ranks see. ``eval_fn(model)`` (rank 0,
-    no grad, eval mode, fixed seed per step) gets the EMA model every ``config.eval_every`` steps.
+    this; ``checkpoint_dir`` must then be on a filesystem all ranks see. ``eval_fn(model)`` (no grad,
+    eval mode, fixed seed per step) gets the EMA model every ``config.eval_every`` steps on every
+    rank (so it may use collectives, e.g. shard the validation set); rank 0's metrics are the ones
+    logged, selected on (``keep_best``) and returned on every rank.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -231,11 +295,7 @@ def train(
         raise ValueError("TrainConfig.eval_every is set but no eval_fn was given")
     hooks = CallbackList(callbacks)
     ctx = setup_distributed(config.device)
-    if config.batch_size % ctx.world_size:
-        raise ValueError(
-            f"TrainConfig.batch_size (global) must be a multiple of the world size {ctx.world_size}, "
-            f"got {config.batch_size}"
-        )
+    micro_batches = accumulation_steps(config.batch_size, ctx.world_size, config.micro_batch_size)
     num_samples = len(train_dataset)
     steps_per_epoch = num_samples // config.batch_size
     if steps_per_epoch == 0:
@@ -248,7 +308,7 @@ def train(
     created_dir = ckpt_dir is not None and not ckpt_dir.exists()
     try:
         return _train(model, train_dataset, config, ckpt_dir, ckpt_path, hooks, resume, eval_fn, ctx,
-                      num_samples, steps_per_epoch, decay_every)
+                      num_samples, steps_per_epoch, decay_every, micro_batches)
     except BaseException:
         if ctx.is_main and ckpt_dir is not None:
             _discard_unresumable(ckpt_dir, created_dir)
@@ -258,7 +318,7 @@ def train(
 def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkpoint_dir: Path | None,
            ckpt_path: Path | None, hooks: CallbackList, resume: bool,
            eval_fn: Callable[[nn.Module], Mapping[str, float]] | None, ctx: DistContext,
-           num_samples: int, steps_per_epoch: int, decay_every: int) -> TrainResult:
+           num_samples: int, steps_per_epoch: int, decay_every: int, micro_batches: int) -> TrainResult:
     """The body of :func:`train` once the arguments are checked and the process group is up."""
     device = ctx.device
     channels_last = config.channels_last and device.type == "cuda"
@@ -295,19 +355,22 @@ def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkp
     window: dict[str, Any] = {"count": 0, "sums": {}, "lr": None}
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] | None = None
+    skipped_in_a_row = 0  # fp16 steps skipped for a non-finite loss or gradient, up to this step
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None:
             scaler.load_state_dict(state["scaler"])
         window, metrics, eval_metrics = state["window"], dict(state["metrics"]), state["eval_metrics"]
+        skipped_in_a_row = state.get("skipped_in_a_row", 0)
         _restore_rank_rng(state["rng"], config.seed, start_step, ctx)
+        _warn_if_micro_batch_changed(state, config, ctx)
         log.info("resuming from %s at step %d", resumed_from, start_step)
 
     hooks.on_train_start({
         "start_step": start_step, "steps": config.steps, "config": config.to_dict(),
         "world_size": ctx.world_size, "distributed": ctx.is_distributed, "device": str(device),
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch, "accumulation_steps": micro_batches,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     })
     began = time.perf_counter()
@@ -319,14 +382,10 @@ def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkp
     try:
         while step < config.steps:
             epoch, start_batch = divmod(step, steps_per_epoch)
-            for batch in _make_loader(train_dataset, config, ctx, epoch, start_batch):
+            loader = _make_loader(train_dataset, config, ctx, epoch, start_batch)
+            for batches in _in_groups(loader, micro_batches):
                 step += 1
-                images = batch[0] if isinstance(batch, list | tuple) else batch
-                if images.dtype != torch.uint8:
-                    raise ValueError(f"dataset images must be torch.uint8 (C, H, W), got {images.dtype}")
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = [_images_on(device, batch, channels_last) for batch in batches]
                 lr = optimizer.param_groups[0]["lr"]
                 values = _optimizer_step(net, model, images, optimizer, config.grad_clip, config.precision,
                                          scaler, ctx, step)
@@ -334,6 +393,9 @@ def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkp
                     metric_keys = sorted(values)
                 elif sorted(values) != metric_keys:  # the all-reduced vector must line up across steps
                     raise ValueError(f"model output keys changed from {metric_keys} to {sorted(values)}")
+                skipped_in_a_row = skipped_in_a_row + 1 if values.get("fp16_skipped") else 0
+                if skipped_in_a_row >= config.max_nonfinite_in_a_row:
+                    raise NonFiniteLossError(step, values, skipped_in_a_row)
                 if ema is not None:
                     ema.update(model)
                 if config.lr_schedule == "cosine" or step % decay_every == 0:
@@ -355,7 +417,7 @@ def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkp
                         best_in_memory = _keep_best_weights(checkpoint_dir, best, eval_module)
                 if ckpt_path is not None and (step % config.checkpoint_every == 0 or last):
                     _save(ckpt_path, step, steps_per_epoch, last, model, ema, optimizer, scheduler, scaler,
-                          window, metrics, eval_metrics, best, config, num_samples, ctx, hooks)
+                          window, metrics, eval_metrics, best, config, num_samples, ctx, hooks, skipped_in_a_row)
                 if last:
                     break
     finally:
@@ -369,33 +431,94 @@ def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkp
                        best, best_state)
 
 
-def _optimizer_step(net: nn.Module, model: nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    grad_clip: float | None, precision: str, scaler: torch.amp.GradScaler | None,
-                    ctx: DistContext, step: int) -> dict[str, float]:
-    """Forward/backward, grad norm (+clip), rank-averaged metrics; the update is applied only when
-    the loss and gradient norm are finite (otherwise :class:`NonFiniteLossError`). Under fp16 a
-    non-finite gradient with a finite loss is an overflow: the GradScaler skips that update and
-    lowers its scale (``fp16_skipped`` = 1, ``grad_norm`` logged as 0 for that step)."""
+def _optimizer_step(net: nn.Module, model: nn.Module, micro_batches: Sequence[torch.Tensor],
+                    optimizer: torch.optim.Optimizer, grad_clip: float | None, precision: str,
+                    scaler: torch.amp.GradScaler | None, ctx: DistContext, step: int) -> dict[str, float]:
+    """One optimizer step on this rank's micro-batches: forward/backward of each (gradients
+    accumulated, each loss weighted 1 / len(micro_batches), DDP synchronising on the last one
+    only), metrics averaged over micro-batches and ranks, grad norm (+clip), and the update.
+
+    fp32/bf16: the update is applied only when the loss and gradient norm are finite (otherwise
+    :class:`NonFiniteLossError`). fp16: a non-finite loss or gradient is an overflow: the
+    GradScaler skips that update and lowers its scale (``fp16_skipped`` = 1, ``grad_norm`` logged
+    as 0 for that step); the caller counts the skipped steps in a row.
+    """
     optimizer.zero_grad(set_to_none=True)
-    out = forward_backward(net, images, precision, scaler)
-    keys = sorted(out)
+    weight = 1.0 / len(micro_batches)
+    keys: list[str] | None = None
+    total: torch.Tensor | None = None
+    for index, images in enumerate(micro_batches):
+        syncing = index == len(micro_batches) - 1 or not isinstance(net, DistributedDataParallel)
+        with contextlib.nullcontext() if syncing else net.no_sync():
+            out = forward_backward(net, images, precision, scaler, loss_weight=weight)
+        if keys is None:
+            keys = sorted(out)
+        elif sorted(out) != keys:
+            raise ValueError(f"model output keys differ between micro-batches: {keys} vs {sorted(out)}")
+        vector = torch.stack([out[k].detach().float().reshape(()) for k in keys])
+        total = vector if total is None else total + vector
+    assert keys is not None and total is not None
+    if len(micro_batches) > 1:
+        total = total / len(micro_batches)
+    reduced = all_reduce_mean(total, ctx)  # the same on every rank, so all ranks skip alike
     if scaler is not None:
+        # A non-finite loss is an overflow too: one NaN gradient entry makes unscale_ record it, so
+        # the scaler skips the update and backs off its scale exactly as for an overflow.
+        first = next((p.grad for p in model.parameters() if p.grad is not None), None)
+        if first is not None:
+            first.masked_fill_(~torch.isfinite(reduced).all(), math.nan)
         scaler.unscale_(optimizer)
     norm = grad_norm_and_clip(model.parameters(), grad_clip)
-    vector = torch.stack([out[k].detach().float().reshape(()) for k in keys] + [norm.float()])
-    values = dict(zip([*keys, "grad_norm"], all_reduce_mean(vector, ctx).tolist(), strict=True))
-    overflow = scaler is not None and all(math.isfinite(values[k]) for k in keys) and not math.isfinite(values["grad_norm"])
-    if not overflow and not all(math.isfinite(v) for v in values.values()):
-        raise NonFiniteLossError(step, values)
+    # DDP leaves identical gradients on every rank, so the norm needs no reduction.
+    values = dict(zip([*keys, "grad_norm"], torch.cat([reduced, norm.float().reshape(1)]).tolist(), strict=True))
+    finite = all(math.isfinite(v) for v in values.values())
     if scaler is None:
+        if not finite:
+            raise NonFiniteLossError(step, values)
         optimizer.step()
         return values
     scaler.step(optimizer)  # skips the update when the unscaled gradients hold inf/NaN
     scaler.update()
-    if overflow:
+    if not finite:
         values["grad_norm"] = 0.0
-    values["fp16_skipped"] = float(overflow)
+    values["fp16_skipped"] = float(not finite)
     return values
+
+
+def _in_groups(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``size`` items (the micro-batches of one step); a short tail is dropped."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def _images_on(device: torch.device, batch: Any, channels_last: bool) -> torch.Tensor:
+    """The uint8 images of a loader batch ``(images, factors)`` (or bare images) on ``device``."""
+    images = batch[0] if isinstance(batch, list | tuple) else batch
+    if images.dtype != torch.uint8:
+        raise ValueError(f"dataset images must be torch.uint8 (C, H, W), got {images.dtype}")
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def _warn_if_micro_batch_changed(state: Mapping[str, Any], config: TrainConfig, ctx: DistContext) -> None:
+    """Warn when a resumed run's per-rank micro-batch differs from the checkpoint's: same global
+    batches and update rule, but batch-dependent terms and random draws see other micro-batches."""
+    saved = state["config"]
+    before = saved.get("micro_batch_size") or saved["batch_size"] // state["world_size"]
+    now = config.micro_batch_size or config.batch_size // ctx.world_size
+    if before != now:
+        warnings.warn(
+            f"checkpoint was written with micro-batches of {before} images per rank, this run uses {now} "
+            "(TrainConfig.micro_batch_size): the global batches and updates are the same, but batch-dependent "
+            "terms and random draws differ, so the result differs slightly from an uninterrupted run",
+            stacklevel=3,
+        )
 
 
 def _improves(key: str, eval_metrics: Mapping[str, float], best: Mapping[str, Any] | None) -> bool:
@@ -451,9 +574,10 @@ def _make_ema(model: nn.Module, config: TrainConfig, state: Mapping[str, Any] | 
 
 
 def _make_loader(dataset: Dataset, config: TrainConfig, ctx: DistContext, epoch: int, start_batch: int) -> DataLoader:
-    """This rank's loader for ``epoch`` from ``start_batch`` on; worker seeds depend on (seed, epoch, rank)."""
+    """This rank's loader of micro-batches for ``epoch`` from global batch ``start_batch`` on; worker
+    seeds depend on (seed, epoch, rank)."""
     sampler = ShardedBatchSampler(len(dataset), config.batch_size, config.seed, epoch,
-                                  ctx.rank, ctx.world_size, start_batch)
+                                  ctx.rank, ctx.world_size, start_batch, config.micro_batch_size)
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=config.num_workers,
         worker_init_fn=seed_worker if config.num_workers else None,
@@ -463,40 +587,47 @@ def _make_loader(dataset: Dataset, config: TrainConfig, ctx: DistContext, epoch:
 
 
 def _accumulate(window: dict[str, Any], values: Mapping[str, float], lr: float) -> None:
+    """Add one step's metrics to the logging window; the non-finite values of a skipped fp16 step
+    are left out (counted in ``window["left_out"]``) so the window means stay finite."""
     window["count"] += 1
     for key, value in values.items():
+        if not math.isfinite(value):
+            left_out = window.setdefault("left_out", {})
+            left_out[key] = left_out.get(key, 0) + 1
+            value = 0.0
         window["sums"][key] = window["sums"].get(key, 0.0) + value
     window["lr"] = lr
 
 
 def _window_means(window: Mapping[str, Any]) -> dict[str, float]:
-    means = {key: total / window["count"] for key, total in window["sums"].items()}
+    """Per-metric means over the window's steps (NaN for a metric no step of the window had finite)."""
+    left_out = window.get("left_out", {})
+    means = {}
+    for key, total in window["sums"].items():
+        count = window["count"] - left_out.get(key, 0)
+        means[key] = total / count if count else math.nan
     means["lr"] = window["lr"]
     return means
 
 
 def _evaluate(eval_fn: Callable[[nn.Module], Mapping[str, float]], module: nn.Module, seed: int,
               step: int, ctx: DistContext) -> dict[str, float]:
-    """Run ``eval_fn`` on rank 0 with a seed fixed by (seed, step), leaving the training RNG untouched;
-    the other ranks wait. Returns the metrics (empty on other ranks)."""
-    result: dict[str, float] = {}
-    if ctx.is_main:
-        saved = capture_rng_state(ctx.device)
-        was_training = module.training
-        module.eval()
-        try:
-            seed_everything(derive_seed(seed, step, _EVAL_SEED_KEY),
-                            deterministic=torch.are_deterministic_algorithms_enabled())
-            with torch.no_grad():
-                raw = eval_fn(module)
-        finally:
-            module.train(was_training)
-            restore_rng_state(saved, ctx.device)
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"eval_fn must return a dict of floats, got {type(raw).__name__}")
-        result = {str(k): float(v) for k, v in raw.items()}
-    barrier(ctx)
-    return result
+    """Run ``eval_fn`` on every rank (it may use collectives) with a seed fixed by (seed, step),
+    leaving the training RNG untouched. Returns rank 0's metrics, on every rank."""
+    saved = capture_rng_state(ctx.device)
+    was_training = module.training
+    module.eval()
+    try:
+        seed_everything(derive_seed(seed, step, _EVAL_SEED_KEY),
+                        deterministic=torch.are_deterministic_algorithms_enabled())
+        with torch.no_grad():
+            raw = eval_fn(module)
+    finally:
+        module.train(was_training)
+        restore_rng_state(saved, ctx.device)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"eval_fn must return a dict of floats, got {type(raw).__name__}")
+    return broadcast_object({str(k): float(v) for k, v in raw.items()}, ctx)
 
 
 def _save(path: Path, step: int, steps_per_epoch: int, finished: bool, model: nn.Module,
@@ -504,7 +635,7 @@ def _save(path: Path, step: int, steps_per_epoch: int, finished: bool, model: nn
           scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
           window: Mapping[str, Any], metrics: Mapping[str, float], eval_metrics: Mapping[str, float] | None,
           best: Mapping[str, Any] | None, config: TrainConfig,
-          num_samples: int, ctx: DistContext, hooks: CallbackList) -> None:
+          num_samples: int, ctx: DistContext, hooks: CallbackList, skipped_in_a_row: int) -> None:
     """Gather every rank's RNG state; rank 0 writes the checkpoint atomically, keeping the one it
     replaces as the previous checkpoint until the run is finished."""
     rng = all_gather_objects(capture_rng_state(ctx.device), ctx)
@@ -521,6 +652,7 @@ def _save(path: Path, step: int, steps_per_epoch: int, finished: bool, model: nn
             "rng": rng, "window": dict(window), "metrics": dict(metrics),
             "eval_metrics": dict(eval_metrics) if eval_metrics is not None else None,
             "config": config.to_dict(), "num_samples": num_samples, "world_size": ctx.world_size,
+            "skipped_in_a_row": skipped_in_a_row,
         }, path.parent, finished=finished)
         hooks.on_checkpoint(step, path)
 

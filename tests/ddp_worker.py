@@ -1,13 +1,16 @@
-"""Worker for the DDP test: trains a tiny deterministic model with sdn.training.train and saves the result.
+"""Worker for the DDP tests: trains a tiny deterministic model with sdn.training.train and saves the result.
 
 Launched by tests/test_training.py as ``torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py
---out DIR`` (gloo on CPU); the test also calls :func:`run` in-process for the single-process reference.
+--out DIR`` (gloo on CPU), and by tests/test_accumulation.py with ``--micro-batch-size`` and
+``--steps`` on 2 and 4 ranks; the tests also call :func:`run` in-process for the single-process run.
+Its ``eval_fn`` all-reduces the ranks' numbers, so it only finishes if every rank calls it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from sdn.training import TrainConfig, train  # noqa: E402
 
 CONFIG = TrainConfig(
     steps=6, batch_size=8, lr=1e-2, lr_decay=0.9, lr_decay_every=2, ema_decay=0.9, grad_clip=1.0,
-    checkpoint_every=3, log_every=2, seed=7, num_workers=0, device="cpu", progress=False,
+    checkpoint_every=3, log_every=2, eval_every=3, seed=7, num_workers=0, device="cpu", progress=False,
 )
 
 
@@ -53,18 +56,31 @@ def make_dataset(n: int = 32) -> TensorDataset:
     return TensorDataset(images, factors)
 
 
-def run(out_dir: Path) -> dict:
+def collective_eval(module: nn.Module) -> dict[str, float]:
+    """This rank's number and the sum over ranks (an all-reduce, as a sharded evaluation does)."""
+    rank = float(dist.get_rank()) if dist.is_initialized() else 0.0
+    total = torch.tensor([rank])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return {"rank": rank, "rank_sum": float(total)}
+
+
+def run(out_dir: Path, micro_batch_size: int | None = None, steps: int | None = None) -> dict:
     """Train and return (and save as ``result_rank{r}_of{w}.pt``) params, EMA params and metrics."""
     torch.manual_seed(0)
     model = DeterministicNet()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = TrainConfig.from_dict({**CONFIG.to_dict(), "micro_batch_size": micro_batch_size,
+                                    "steps": steps or CONFIG.steps})
     curve = CurveWriter(out_dir / f"curve_rank{rank}_of{world}.csv")
-    result = train(model, make_dataset(), CONFIG, out_dir / f"ckpt_{world}", callbacks=[curve])
+    result = train(model, make_dataset(), config, out_dir / f"ckpt_{world}", callbacks=[curve],
+                   eval_fn=collective_eval)
     payload = {
         "params": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
         "ema": {k: v.detach().clone() for k, v in result.ema_model.state_dict().items()},
         "metrics": result.metrics,
+        "eval_metrics": result.eval_metrics,
         "steps": result.steps,
         "rank": rank,
         "world_size": world,
@@ -73,12 +89,31 @@ def run(out_dir: Path) -> dict:
     return payload
 
 
+def launch(out_dir: Path, nproc: int, *args: str, timeout: float = 180) -> list[dict]:
+    """Run this worker under ``torchrun --standalone --nproc_per_node=nproc`` (gloo, CPU, one thread
+    per process) with ``--out out_dir *args``; return every rank's payload, rank 0 first."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), CUDA_VISIBLE_DEVICES="")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         __file__, "--out", str(out_dir), *args],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1],
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun with {nproc} ranks failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return [torch.load(out_dir / f"result_rank{r}_of{nproc}.pt") for r in range(nproc)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    run(args.out)
+    run(args.out, args.micro_batch_size, args.steps)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+import ddp_worker
 from sdn.callbacks import Callback, CallbackList, CurveWriter
 from sdn.checkpoint import (
     CorruptCheckpointError,
@@ -38,8 +35,6 @@ from sdn.checkpoint import (
 from sdn.distributed import ShardedBatchSampler, derive_seed, epoch_permutation
 from sdn.ema import ExponentialMovingAverage
 from sdn.training import NonFiniteLossError, TrainConfig, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -340,10 +335,12 @@ def test_two_runs_of_one_config_are_bit_identical(tmp_path):
     assert other.metrics["loss"] != results[0].metrics["loss"]
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("micro_batch_size", [None, 1])
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, micro_batch_size):
     # 24 items / batch 4 = 6 steps per epoch: the checkpoint at step 5 is mid-epoch, the resumed run
-    # crosses the epoch boundary (and the per-epoch LR decay) at step 6.
-    cfg = config(steps=10, checkpoint_every=5, log_every=2)
+    # crosses the epoch boundary (and the per-epoch LR decay) at step 6. micro_batch_size 1: four
+    # accumulated micro-batches per step, each drawing the VAE's noise.
+    cfg = config(steps=10, checkpoint_every=5, log_every=2, micro_batch_size=micro_batch_size)
     full = train(fresh_model(), CountingDataset(24), cfg, tmp_path / "full",
                  callbacks=[CurveWriter(tmp_path / "full.csv")])
 
@@ -372,6 +369,16 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "cut.csv").read_text() == (tmp_path / "full.csv").read_text()
     with (tmp_path / "full.csv").open() as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [2, 4, 6, 8, 10]
+
+
+def test_resuming_with_another_micro_batch_warns_and_trains_the_same_global_batches(tmp_path):
+    cfg = config(steps=6, checkpoint_every=3, micro_batch_size=2)
+    with pytest.raises(Kill.Killed):
+        train(fresh_model(), CountingDataset(24), cfg, tmp_path, callbacks=[Kill(at=4)])
+    data = CountingDataset(24)
+    with pytest.warns(UserWarning, match=r"micro-batches of 2 images per rank, this run uses 4"):
+        resumed = train(fresh_model(), data, config(steps=6, checkpoint_every=3), tmp_path)
+    assert resumed.start_step == 3 and resumed.steps == 6 and data.reads == 3 * 4
 
 
 def test_finished_run_is_not_trained_again(tmp_path):
@@ -663,23 +670,8 @@ def test_curve_writer_formats(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_single_process_run(tmp_path):
-    worker = REPO / "tests" / "ddp_worker.py"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=180, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"result_rank{r}_of2.pt") for r in range(2)]
-
-    spec = importlib.util.spec_from_file_location("ddp_worker", worker)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    single = module.run(tmp_path)
+    ranks = ddp_worker.launch(tmp_path, 2)
+    single = ddp_worker.run(tmp_path)
 
     for key in single["params"]:
         assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
@@ -687,12 +679,15 @@ def test_ddp_two_processes_match_single_process_run(tmp_path):
         torch.testing.assert_close(ranks[0]["params"][key], single["params"][key], rtol=0, atol=1e-5)
         torch.testing.assert_close(ranks[0]["ema"][key], single["ema"][key], rtol=0, atol=1e-5)
     torch.manual_seed(0)
-    initial = module.DeterministicNet().state_dict()
+    initial = ddp_worker.DeterministicNet().state_dict()
     assert all(not torch.equal(initial[k], single["params"][k]) for k in initial)  # training moved them
     assert ranks[0]["metrics"] == ranks[1]["metrics"]  # reduced across ranks
     for name, value in single["metrics"].items():
         assert ranks[0]["metrics"][name] == pytest.approx(value, rel=1e-5)
     assert ranks[0]["steps"] == 6
+    # eval_fn ran on both ranks (its all-reduce returned) and rank 0's metrics are every rank's result
+    assert single["eval_metrics"] == {"rank": 0.0, "rank_sum": 0.0}
+    assert ranks[0]["eval_metrics"] == ranks[1]["eval_metrics"] == {"rank": 0.0, "rank_sum": 1.0}
     # only rank 0 wrote logs and the checkpoint; the checkpoint holds both ranks' RNG states
     assert (tmp_path / "curve_rank0_of2.csv").is_file() and not (tmp_path / "curve_rank1_of2.csv").exists()
     state = read_checkpoint(tmp_path / "ckpt_2")
@@ -790,9 +785,89 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(tmp_path):
     assert read_checkpoint(tmp_path)["scaler"]["scale"] == 2.0**16 * 0.5  # default init scale, backed off once
 
 
-def test_non_finite_loss_under_fp16_still_stops_the_run(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="step 2"):
-        train(fresh_model(nan_at_call=2), CountingDataset(24), config(steps=4, precision="fp16"), tmp_path)
+class NaNAtCalls(LinearDenoiser):
+    """Deterministic model whose loss is NaN on the training forward calls (1-based) in ``nan_calls``
+    (every call from ``nan_from`` on, if given); it records each finite loss it returns."""
+
+    def __init__(self, nan_calls=(), nan_from=None) -> None:
+        super().__init__()
+        self.nan_calls, self.nan_from, self.calls, self.losses = set(nan_calls), nan_from, 0, []
+
+    def forward(self, images):
+        out = super().forward(images)
+        out["loss"] = out["loss"] * 1e-4  # small enough that the initial scale 2**16 does not overflow
+        self.calls += 1
+        if self.calls in self.nan_calls or (self.nan_from is not None and self.calls >= self.nan_from):
+            out["loss"] = out["loss"] * float("nan")
+        else:
+            self.losses.append(float(out["loss"].detach()))
+        return out
+
+
+def test_non_finite_loss_under_fp16_is_skipped_like_an_overflow(tmp_path):
+    torch.manual_seed(0)
+    model = NaNAtCalls(nan_calls={2})
+    weights = {}
+
+    class Snapshot(Callback):
+        def on_step_end(self, step, metrics):
+            weights[step] = model.conv.weight.detach().clone()
+
+    recorder = Recorder()
+    cfg = config(steps=4, checkpoint_every=4, log_every=2, ema_decay=None, grad_clip=None, precision="fp16")
+    train(model, CountingDataset(24), cfg, tmp_path, callbacks=[Snapshot(), recorder])
+    logged = dict(recorder.steps)
+    assert logged[2]["fp16_skipped"] == 0.5 and logged[4]["fp16_skipped"] == 0.0  # window means of 0/1 flags
+    # the skipped step's NaN loss is left out of the window mean: step 1's loss alone
+    assert logged[2]["loss"] == pytest.approx(model.losses[0], rel=1e-6)
+    assert logged[4]["loss"] == pytest.approx((model.losses[1] + model.losses[2]) / 2, rel=1e-6)
+    assert not torch.equal(weights[2], weights[4])
+    state = read_checkpoint(tmp_path)
+    assert state["scaler"]["scale"] == 2.0**16 * 0.5  # backed off once, as for an overflow
+    assert state["skipped_in_a_row"] == 0
+
+
+def test_fp16_stops_only_after_max_nonfinite_in_a_row_and_the_streak_survives_resume(tmp_path):
+    # two separate skips (calls 2, 4) never make 2 in a row: the run finishes
+    torch.manual_seed(0)
+    cfg = config(steps=6, checkpoint_every=3, ema_decay=None, precision="fp16", max_nonfinite_in_a_row=2)
+    train(NaNAtCalls(nan_calls={2, 4}), CountingDataset(24), cfg, tmp_path / "apart")
+    # NaN from step 2 on, at most 3 in a row: stops at step 4 naming it and the streak
+    cfg = config(steps=6, checkpoint_every=3, ema_decay=None, precision="fp16", max_nonfinite_in_a_row=3)
+    with pytest.raises(NonFiniteLossError, match=r"step 4 .*after 3 fp16 steps in a row") as info:
+        train(NaNAtCalls(nan_from=2), CountingDataset(24), cfg, tmp_path / "streak")
+    assert info.value.step == 4 and info.value.in_a_row == 3
+    state = read_checkpoint(tmp_path / "streak")
+    assert state["step"] == 3 and state["skipped_in_a_row"] == 2
+    # resumed at step 3 with 2 skipped steps behind it: the next NaN step (4) is the third
+    with pytest.raises(NonFiniteLossError, match="step 4") as info:
+        train(NaNAtCalls(nan_from=1), CountingDataset(24), cfg, tmp_path / "streak")
+    assert info.value.in_a_row == 3
+
+
+def test_fp16_grad_scaler_accumulates_micro_batches_like_one_pass(tmp_path):
+    """Under fp16 each micro-batch's loss is scaled by the same GradScaler scale and the sum is
+    unscaled once: 4 micro-batches of 1 give the update of one pass of 4 (fp16 rounding apart)."""
+    results = {}  # NaNAtCalls() without NaN calls: a loss small enough not to overflow at the initial scale
+    for micro in (None, 1):
+        torch.manual_seed(0)
+        cfg = config(steps=4, checkpoint_every=4, ema_decay=None, precision="fp16", micro_batch_size=micro)
+        results[micro] = train(NaNAtCalls(), CountingDataset(24), cfg, tmp_path / str(micro))
+    torch.testing.assert_close(results[1].model.conv.weight, results[None].model.conv.weight, rtol=0, atol=1e-3)
+    assert results[1].metrics["loss"] == pytest.approx(results[None].metrics["loss"], rel=1e-3)
+    assert results[1].metrics["fp16_skipped"] == results[None].metrics["fp16_skipped"] == 0.0
+    assert read_checkpoint(tmp_path / "1")["scaler"] == read_checkpoint(tmp_path / "None")["scaler"]
+    torch.manual_seed(0)
+    untrained = NaNAtCalls()
+    assert (results[1].model.conv.weight - untrained.conv.weight).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_loss_without_a_scaler_stops_at_once(tmp_path, precision):
+    cfg = config(steps=4, precision=precision, max_nonfinite_in_a_row=5)
+    with pytest.raises(NonFiniteLossError, match="step 2") as info:
+        train(fresh_model(nan_at_call=2), CountingDataset(24), cfg, tmp_path)
+    assert info.value.in_a_row == 1
 
 
 # ----------------------------------------------------------------------------- selection on validation
@@ -863,3 +938,59 @@ def test_a_torchrun_job_of_one_rank_trains_under_ddp_like_a_single_process(tmp_p
     assert recorder.starts[0]["distributed"] is True and recorder.starts[0]["world_size"] == 1
     for a, b in zip(plain.model.parameters(), ddp.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_process_group_timeout_has_a_stated_default_and_an_env_override(monkeypatch):
+    import datetime
+
+    from sdn.distributed import PROCESS_GROUP_TIMEOUT, process_group_timeout
+
+    monkeypatch.delenv("SDN_PG_TIMEOUT_S", raising=False)
+    assert process_group_timeout() == PROCESS_GROUP_TIMEOUT == datetime.timedelta(hours=2)
+    monkeypatch.setenv("SDN_PG_TIMEOUT_S", "90.5")
+    assert process_group_timeout() == datetime.timedelta(seconds=90.5)
+    for bad in ("0", "-3", "nan", "two hours"):
+        monkeypatch.setenv("SDN_PG_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="SDN_PG_TIMEOUT_S must be a positive number of seconds"):
+            process_group_timeout()
+
+
+def test_torchrun_job_starts_its_process_group_with_the_stated_timeout(tmp_path, monkeypatch):
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from sdn.distributed import setup_distributed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1", "SDN_PG_TIMEOUT_S": "123"}.items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    real = dist.init_process_group
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", spy)
+    try:
+        ctx = setup_distributed("cpu")
+        assert ctx.is_distributed and dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert calls == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=123)}]
+
+
+def test_cuda_device_is_the_local_rank_modulo_the_visible_devices(monkeypatch):
+    from sdn.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a scheduler shows each process its GPU
+    assert resolve_device("cuda", 3) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [resolve_device("auto", r).index for r in range(6)] == [0, 1, 2, 3, 0, 1]
