@@ -51,12 +51,13 @@ def _forward_kernel(
     x_ptr, gh_ptr, w_ptr, b_ptr, out_ptr, cand_ptr,
     S, L, B, F,
     REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One program per batch element: copy the first line, then update lines one after another.
 
     ``gh`` (S, L, B, 3F) holds W_hh·x + b_hh on entry; for every updated line its first 2F
     features are overwritten with the reset and update gates (kept for the backward). ``cand``
-    receives the candidate state n of every updated line.
+    receives the candidate state n of every updated line (zeros on the first line).
     """
     b = tl.program_id(0)
     pos = tl.arange(0, BLOCK_L)
@@ -71,6 +72,8 @@ def _forward_kernel(
         mask = pos_ok[:, None] & (cols < F)[None, :]
         offs = first * line + pos[:, None] * row + b * F + cols[None, :]
         tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+        tl.store(cand_ptr + offs, tl.full((BLOCK_L, BLOCK_N), 0.0, tl.float32)
+                 .to(cand_ptr.dtype.element_ty), mask=mask)  # defined, never read
     tl.debug_barrier()
     for step in range(0, S - 1):
         if REVERSE:
@@ -99,6 +102,9 @@ def _forward_kernel(
                     w_r = tl.load(w, mask=w_mask, other=0.0)
                     w_z = tl.load(w + F * 3 * F, mask=w_mask, other=0.0)
                     w_n = tl.load(w + 2 * F * 3 * F, mask=w_mask, other=0.0)
+                    if UPCAST:
+                        a, w_r = a.to(tl.float32), w_r.to(tl.float32)
+                        w_z, w_n = w_z.to(tl.float32), w_n.to(tl.float32)
                     acc_r = tl.dot(a, w_r, acc_r, input_precision="ieee")
                     acc_z = tl.dot(a, w_z, acc_z, input_precision="ieee")
                     acc_n = tl.dot(a, w_n, acc_n, input_precision="ieee")
@@ -129,6 +135,7 @@ def _backward_kernel(
     gout_ptr, x_ptr, gh_ptr, cand_ptr, w_ptr, carry_ptr, gx_ptr, gpre_ptr,
     S, L, B, F,
     REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One program per batch element: the lines in reverse processing order.
 
@@ -189,6 +196,8 @@ def _backward_kernel(
                                 + ks[None, :], mask=src_ok[:, None] & k_ok[None, :], other=0.0)
                     w = tl.load(w_ptr + ks[:, None] * (3 * F) + o * F + cols[None, :],
                                 mask=w_mask, other=0.0)
+                    if UPCAST:
+                        a, w = a.to(tl.float32), w.to(tl.float32)
                     acc = tl.dot(a, w, acc, input_precision="ieee")
             mask = pos_ok[:, None] & col_ok[None, :]
             tl.store(carry_ptr + p * line + pos[:, None] * row + b * F + cols[None, :], acc,
@@ -201,6 +210,10 @@ def _backward_kernel(
         g = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g += tl.load(carry_ptr + offs, mask=mask & (S > 1), other=0.0)
         tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+        zero = tl.full((BLOCK_L, BLOCK_N), 0.0, tl.float32).to(gpre_ptr.dtype.element_ty)
+        goffs = first * gline + pos[:, None] * grow + b * 3 * F + cols[None, :]
+        for gate in tl.static_range(3):  # the first line has no gates: defined, never read
+            tl.store(gpre_ptr + goffs + gate * F, zero, mask=mask)
 
 
 if TRITON_AVAILABLE:
@@ -219,9 +232,12 @@ def _launch(name: str, like: Tensor, *args, reverse: bool) -> None:
     num_lines, length, batch, feat = like.shape
     compiled, interpreted = _KERNELS[name]
     kernel = compiled if like.is_cuda else interpreted
+    # The interpreter's tl.dot mishandles bf16 operands (Triton 3.8): it multiplies them in fp32
+    # instead, which is what the tensor cores compute (exact products, fp32 accumulation).
+    upcast = kernel is interpreted and like.dtype == torch.bfloat16
     block_l = max(16, triton.next_power_of_2(length))
     kernel[(batch,)](*args, num_lines, length, batch, feat, REVERSE=reverse, BLOCK_L=block_l,
-                     BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS)
+                     BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, UPCAST=upcast, num_warps=_NUM_WARPS)
 
 
 @torch.library.custom_op("sdn::sweep_forward", mutates_args={"gh"})
