@@ -16,6 +16,7 @@ use TF32).
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -104,10 +105,13 @@ def select_sweep(device: torch.device, implementation: str | None = None) -> Cal
     return triton_sweep_lines if choice == "triton" else sweep_lines
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # the meta device has no autocast
+
+
 def _sweep_dtype(x: Tensor) -> torch.dtype:
     """The dtype the sweeps compute in: the autocast dtype inside autocast, else the input's."""
     device_type = x.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
@@ -118,7 +122,9 @@ def _run_sweeps(x: Tensor, sweeps: Sequence["DirectionalSweep"]) -> Tensor:
     sweep_fn = select_sweep(x.device)
     # Autocast is off inside: the dtypes are set explicitly (operands, weights and state in the
     # autocast dtype), as autocast would have run nn.GRUCell.
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    device_type = x.device.type
+    with (torch.autocast(device_type=device_type, enabled=False)
+          if device_type in _AUTOCAST_DEVICES else nullcontext()):
         lines, axis = None, None
         for sweep in sweeps:
             sweep_axis, reverse = _SWEEP_AXIS[sweep.direction]

@@ -10,8 +10,8 @@ Forward, per sweep: one matrix product ``W_hh·x + b_hh`` for the whole map (it 
 updated value), then the kernel: per line, the neighbour products ``W_ih·[n(i−1), n(i), n(i+1)]``
 as ``tl.dot`` tiles over the previous line, and the GRU gate arithmetic fused in registers.
 Backward: the kernel walks the lines in reverse (gate algebra, then the gradient into the previous
-line through ``W_ih``), and the weight/bias gradients are the same few large matrix products as
-the plain sweep's (:func:`sdn.sweep.parameter_grads`).
+line through ``W_ih``) and also writes every position's neighbours, so the weight and bias
+gradients are five large matrix products/sums after it (no per-line work).
 
 Precision: products take their operands in the line tensor's dtype (fp32, or the fp16/bf16 of an
 autocast region) and accumulate in fp32 — fp32 products are exact IEEE fp32 (no TF32); the gate
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sdn.sweep import _line_ranges, parameter_grads
+from sdn.sweep import _line_ranges
 
 try:
     import triton
@@ -132,7 +132,8 @@ def _forward_kernel(
 
 
 def _backward_kernel(
-    gout_ptr, x_ptr, gh_ptr, cand_ptr, w_ptr, carry_ptr, gx_ptr, gpre_ptr,
+    gout_ptr, x_ptr, out_ptr, gh_ptr, cand_ptr, w_ptr, carry_ptr, gx_ptr, gpre_ptr, gph_ptr,
+    nbr_ptr,
     S, L, B, F,
     REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -140,8 +141,11 @@ def _backward_kernel(
     """One program per batch element: the lines in reverse processing order.
 
     Per line d (previous line p): its output gradient g = dL/dout[d] + carry[d] (what line d's
-    successor sent back), the gate pre-activation gradients [dr, dz, dn] into ``gpre``, the direct
-    input gradient g·z into ``gx``, then carry[p] = Σ_o W_oᵀ·gpre[d, j − o + 1] (fp32 buffer).
+    successor sent back); the gate pre-activation gradients [dr, dz, dn] into ``gpre`` and the
+    hidden-product gradients [dr, dz, dn·r] into ``gph``; the direct input gradient g·z into
+    ``gx``; the neighbours [n(i−1), n(i), n(i+1)] of every position into ``nbr`` (so that
+    dW_ih = gpreᵀ·nbr is one matrix product); then carry[p] = Σ_o W_oᵀ·gpre[d, j − o + 1] (fp32).
+    The first line's rows of gpre, gph and nbr are zeros.
     """
     b = tl.program_id(0)
     pos = tl.arange(0, BLOCK_L)
@@ -179,7 +183,16 @@ def _backward_kernel(
             tl.store(gpre_ptr + goffs, dr.to(pre_ty), mask=mask)
             tl.store(gpre_ptr + goffs + F, dz.to(pre_ty), mask=mask)
             tl.store(gpre_ptr + goffs + 2 * F, dn.to(pre_ty), mask=mask)
+            tl.store(gph_ptr + goffs, dr.to(pre_ty), mask=mask)
+            tl.store(gph_ptr + goffs + F, dz.to(pre_ty), mask=mask)
+            tl.store(gph_ptr + goffs + 2 * F, (dn * r).to(pre_ty), mask=mask)
             tl.store(gx_ptr + offs, (g * z).to(gx_ptr.dtype.element_ty), mask=mask)
+            for o in tl.static_range(3):
+                src = pos + (o - 1)
+                src_ok = (src >= 0) & (src < L)
+                nb = tl.load(out_ptr + p * line + src[:, None] * row + b * F + cols[None, :],
+                             mask=src_ok[:, None] & col_ok[None, :], other=0.0)
+                tl.store(nbr_ptr + goffs + o * F, nb.to(pre_ty), mask=mask)
         tl.debug_barrier()
         for n0 in range(0, F, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
@@ -212,8 +225,10 @@ def _backward_kernel(
         tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
         zero = tl.full((BLOCK_L, BLOCK_N), 0.0, tl.float32).to(gpre_ptr.dtype.element_ty)
         goffs = first * gline + pos[:, None] * grow + b * 3 * F + cols[None, :]
-        for gate in tl.static_range(3):  # the first line has no gates: defined, never read
+        for gate in tl.static_range(3):  # the first line has no gates: zeros
             tl.store(gpre_ptr + goffs + gate * F, zero, mask=mask)
+            tl.store(gph_ptr + goffs + gate * F, zero, mask=mask)
+            tl.store(nbr_ptr + goffs + gate * F, zero, mask=mask)
 
 
 if TRITON_AVAILABLE:
@@ -256,20 +271,21 @@ def _(x, gh, weight_ih, bias_ih, reverse):
 
 
 @torch.library.custom_op("sdn::sweep_backward", mutates_args=())
-def _sweep_backward(grad_out: Tensor, x: Tensor, gh: Tensor, cand: Tensor, weight_ih: Tensor,
-                    reverse: bool) -> tuple[Tensor, Tensor]:
-    """(grad_x without the hidden path, gate pre-activation gradients (S, L, B, 3F))."""
+def _sweep_backward(grad_out: Tensor, x: Tensor, out: Tensor, gh: Tensor, cand: Tensor,
+                    weight_ih: Tensor, reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x without the hidden path, gate pre-activation gradients [dr, dz, dn], hidden-product
+    gradients [dr, dz, dn·r], neighbours [n(i−1), n(i), n(i+1)]); the last three (S, L, B, 3F)."""
     grad_x = torch.empty_like(x)
-    grad_pre = torch.empty_like(gh)
+    grad_pre, grad_hidden, neighbours = (torch.empty_like(gh) for _ in range(3))
     carry = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _launch("backward", x, grad_out, x, gh, cand, weight_ih, carry, grad_x, grad_pre,
-            reverse=reverse)
-    return grad_x, grad_pre
+    _launch("backward", x, grad_out, x, out, gh, cand, weight_ih, carry, grad_x, grad_pre,
+            grad_hidden, neighbours, reverse=reverse)
+    return grad_x, grad_pre, grad_hidden, neighbours
 
 
 @_sweep_backward.register_fake
-def _(grad_out, x, gh, cand, weight_ih, reverse):
-    return torch.empty_like(x), torch.empty_like(gh)
+def _(grad_out, x, out, gh, cand, weight_ih, reverse):
+    return torch.empty_like(x), torch.empty_like(gh), torch.empty_like(gh), torch.empty_like(gh)
 
 
 class _TritonSweepFunction(torch.autograd.Function):
@@ -292,17 +308,18 @@ class _TritonSweepFunction(torch.autograd.Function):
         x, out, gh, cand, weight_ih, weight_hh = ctx.saved_tensors
         num_lines, length, batch, feat = x.shape
         rows = length * batch
-        grad_x, grad_pre = torch.ops.sdn.sweep_backward(
-            grad_out.contiguous().to(x.dtype), x, gh, cand, weight_ih.contiguous(), ctx.reverse
+        grad_x, grad_pre, grad_hidden, neighbours = torch.ops.sdn.sweep_backward(
+            grad_out.contiguous().to(x.dtype), x, out, gh, cand, weight_ih.contiguous(),
+            ctx.reverse,
         )
+        # Weights and biases: a few large products over the updated lines (rows of 3F).
         done, _, _ = _line_ranges(num_lines, ctx.reverse)
-        reset = gh.view(num_lines, rows, 3 * feat)[done, :, :feat]
-        grads = parameter_grads(
-            grad_pre.view(num_lines, rows, 3 * feat), grad_x.view(num_lines, rows, feat),
-            x.view(num_lines, rows, feat), out.view(num_lines, rows, feat), reset, weight_hh,
-            ctx.reverse, length, batch,
-        )
-        return (grad_x, *grads, None, None)
+        g_in = grad_pre.view(num_lines, rows, 3 * feat)[done].view(-1, 3 * feat)
+        g_hid = grad_hidden.view(num_lines, rows, 3 * feat)[done].view(-1, 3 * feat)
+        grad_weight_ih = g_in.t().mm(neighbours.view(num_lines, rows, 3 * feat)[done].view(-1, 3 * feat))
+        grad_weight_hh = g_hid.t().mm(x.view(num_lines, rows, feat)[done].view(-1, feat))
+        grad_x.view(num_lines, rows, feat)[done].view(-1, feat).addmm_(g_hid, weight_hh)
+        return (grad_x, grad_weight_ih, grad_weight_hh, g_in.sum(0), g_hid.sum(0), None, None)
 
 
 def triton_sweep_lines(

@@ -149,7 +149,7 @@ def test_fast_sweep_dispatches_a_fixed_number_of_ops():
     """On the meta device each kernel is one operator: the count does not grow with the lines."""
     fast = [_count_ops(triton_sweep_lines, s) for s in (4, 32)]
     plain = [_count_ops(sweep_lines, s) for s in (4, 32)]
-    assert fast[0] == fast[1] <= 40, fast
+    assert fast[0] == fast[1] <= 16, fast
     assert plain[1] > plain[0] + 28 * 10, plain  # ≈ 20+ ops per line forward + backward
 
 
@@ -161,8 +161,8 @@ def test_custom_ops_are_registered_correctly():
     opcheck(torch.ops.sdn.sweep_forward.default,
             (torch.randn(shape), torch.randn(*shape[:3], 12), w_ih, torch.randn(12), False))
     opcheck(torch.ops.sdn.sweep_backward.default,
-            (torch.randn(shape), torch.randn(shape), torch.rand(*shape[:3], 12),
-             torch.randn(shape), w_ih, True))
+            (torch.randn(shape), torch.randn(shape), torch.randn(shape),
+             torch.rand(*shape[:3], 12), torch.randn(shape), w_ih, True))
 
 
 def test_selection(monkeypatch):
@@ -193,8 +193,9 @@ def test_kernels_compile_for_an_h100():
     for dtype in ("fp32", "bf16"):
         ptr = "*" + dtype
         forward = dict.fromkeys(("x_ptr", "gh_ptr", "w_ptr", "b_ptr", "out_ptr", "cand_ptr"), ptr)
-        backward = dict.fromkeys(("gout_ptr", "x_ptr", "gh_ptr", "cand_ptr", "w_ptr"), ptr)
-        backward.update(carry_ptr="*fp32", gx_ptr=ptr, gpre_ptr=ptr)
+        backward = dict.fromkeys(("gout_ptr", "x_ptr", "out_ptr", "gh_ptr", "cand_ptr", "w_ptr"),
+                                 ptr)
+        backward.update(carry_ptr="*fp32", gx_ptr=ptr, gpre_ptr=ptr, gph_ptr=ptr, nbr_ptr=ptr)
         for name, signature in (("forward", forward), ("backward", backward)):
             signature = {**signature, **sizes, **dict.fromkeys(consts, "constexpr")}
             source = ASTSource(_KERNELS[name][0], signature, constexprs=consts)
