@@ -142,7 +142,7 @@ def _run_sweeps(x: Tensor, sweeps: Sequence["DirectionalSweep"]) -> Tensor:
                 None if cell.bias_hh is None else cell.bias_hh.to(compute_dtype),
                 reverse=reverse,
             )
-        return _from_lines(lines, axis)
+        return _from_lines(lines, axis).to(x.dtype)
 
 
 class DirectionalSweep(nn.Module):
