@@ -100,14 +100,17 @@ def count_step(config: str, model: str, batch: int, sweep: str) -> tuple[int, in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", choices=sorted(PAPER), default=list(PAPER))
+    parser.add_argument("--models", nargs="+", default=None, help="only these models")
+    parser.add_argument("--sweeps", nargs="+", choices=["triton", "plain"], default=["triton", "plain"],
+                        help="sweep implementations counted for SDN models")
     parser.add_argument("--top", type=int, default=0, help="also print the N most frequent ops")
     args = parser.parse_args()
     print(f"torch={torch.__version__}; meta device, one step = forward + backward at the paper's "
           "per-GPU batch; views excluded; sweep=triton is the CUDA default (SDN_SWEEP=auto)")
     for config in args.configs:
         batch, models = PAPER[config]
-        for model in models:
-            sweeps = ("triton", "plain") if model == "sdn" else ("plain",)
+        for model in (m for m in models if args.models is None or m in args.models):
+            sweeps = args.sweeps if model == "sdn" else ("plain",)
             for sweep in sweeps:
                 start = time.perf_counter()
                 fwd, bwd, ops = count_step(config, model, batch, sweep)
