@@ -25,11 +25,13 @@ is slow and only meant for tests.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sdn.sweep import _line_ranges
+from sdn.sweep import _line_ranges, sweep_lines
 
 try:
     import triton
@@ -42,6 +44,7 @@ __all__ = ["TRITON_AVAILABLE", "triton_sweep_lines"]
 
 TRITON_AVAILABLE = triton is not None
 
+_MAX_ELEMENTS = 2**31 - 1  # the kernels index with int32 offsets
 _BLOCK_N = 32  # output features per tile
 _BLOCK_K = 32  # reduction features per tile
 _NUM_WARPS = 4
@@ -255,12 +258,25 @@ def _launch(name: str, like: Tensor, *args, reverse: bool) -> None:
                      BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, UPCAST=upcast, num_warps=_NUM_WARPS)
 
 
+@contextmanager
+def _unfilled(device: torch.device):
+    """Skip deterministic mode's NaN fill of new buffers on CUDA: the kernels write every element
+    they return and read only what they wrote (checked on CPU, where the fill stays on)."""
+    previous = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = previous and device.type != "cuda"
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = previous
+
+
 @torch.library.custom_op("sdn::sweep_forward", mutates_args={"gh"})
 def _sweep_forward(x: Tensor, gh: Tensor, weight_ih: Tensor, bias_ih: Tensor,
                    reverse: bool) -> tuple[Tensor, Tensor]:
     """(out, cand) of one sweep; ``gh``'s first 2F features become the gates [r, z]."""
-    out = torch.empty_like(x)
-    cand = torch.empty_like(x)
+    with _unfilled(x.device):
+        out = torch.empty_like(x)
+        cand = torch.empty_like(x)
     _launch("forward", x, x, gh, weight_ih, bias_ih, out, cand, reverse=reverse)
     return out, cand
 
@@ -275,9 +291,10 @@ def _sweep_backward(grad_out: Tensor, x: Tensor, out: Tensor, gh: Tensor, cand: 
                     weight_ih: Tensor, reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x without the hidden path, gate pre-activation gradients [dr, dz, dn], hidden-product
     gradients [dr, dz, dn·r], neighbours [n(i−1), n(i), n(i+1)]); the last three (S, L, B, 3F)."""
-    grad_x = torch.empty_like(x)
-    grad_pre, grad_hidden, neighbours = (torch.empty_like(gh) for _ in range(3))
-    carry = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    with _unfilled(x.device):
+        grad_x = torch.empty_like(x)
+        grad_pre, grad_hidden, neighbours = (torch.empty_like(gh) for _ in range(3))
+        carry = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     _launch("backward", x, grad_out, x, out, gh, cand, weight_ih, carry, grad_x, grad_pre,
             grad_hidden, neighbours, reverse=reverse)
     return grad_x, grad_pre, grad_hidden, neighbours
@@ -330,8 +347,13 @@ def triton_sweep_lines(
     bias_hh: Tensor | None,
     reverse: bool = False,
 ) -> Tensor:
-    """:func:`sdn.sweep.sweep_lines` through the persistent Triton kernels (same arguments)."""
+    """:func:`sdn.sweep.sweep_lines` through the persistent Triton kernels (same arguments).
+
+    Maps too large for the kernels' int32 offsets (S·L·B·3F ≥ 2³¹) take the plain sweep.
+    """
     feat = lines.shape[-1]
+    if lines.numel() * 3 > _MAX_ELEMENTS:
+        return sweep_lines(lines, weight_ih, weight_hh, bias_ih, bias_hh, reverse)
     bias_ih = lines.new_zeros(3 * feat) if bias_ih is None else bias_ih
     bias_hh = lines.new_zeros(3 * feat) if bias_hh is None else bias_hh
     needs_grad = torch.is_grad_enabled() and any(

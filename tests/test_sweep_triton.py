@@ -176,6 +176,17 @@ def test_fast_sweep_dispatches_a_fixed_number_of_ops():
     assert plain[1] > plain[0] + 28 * 10, plain  # ≈ 20+ ops per line forward + backward
 
 
+def test_maps_beyond_int32_offsets_take_the_plain_sweep(monkeypatch):
+    monkeypatch.setattr("sdn.sweep_triton._MAX_ELEMENTS", 100)
+    cell = torch.nn.GRUCell(12, 4)
+    x = torch.randn(3, 4, 2, 4)  # 3·96 elements > 100
+    params = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+    with _OpCounter() as counter:
+        y = triton_sweep_lines(x, *params)
+    assert counter.count > 10  # the plain loop's ops, no custom op
+    assert torch.equal(y, sweep_lines(x, *params))
+
+
 def test_custom_ops_are_registered_correctly():
     torch.manual_seed(5)
     shape = (3, 4, 2, 4)
