@@ -90,7 +90,9 @@ def sweep_stage(batch: int, feat: int, size: int, repeats: int, device: torch.de
     for precision in ("fp32", "fp16"):
         for name in impls:
             impl = _sweep_impl(name)
-            x = x0.clone().requires_grad_(True)
+            # under --amp the sweeps' input map is the fp16 output of a conv
+            dtype = torch.float32 if precision == "fp32" else torch.float16
+            x = x0.to(dtype).clone().requires_grad_(True)
 
             def fwd():
                 with torch.no_grad(), _autocast(device, precision):
@@ -100,7 +102,7 @@ def sweep_stage(batch: int, feat: int, size: int, repeats: int, device: torch.de
                 x.grad = None
                 with _autocast(device, precision):
                     y = impl(x, sweeps)
-                y.float().backward(grad_out)
+                y.float().backward(grad_out.to(y.dtype).float())
                 return y
 
             y = fwd_bwd()  # warm-up (Triton compiles here) and agreement
