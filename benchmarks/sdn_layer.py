@@ -6,11 +6,17 @@ bytes autograd saves for the backward (on CUDA, also the peak allocated memory).
 
     python benchmarks/sdn_layer.py              # full grid (B=32, F∈{32,64}, 8/16/32, 2/4 dirs)
     python benchmarks/sdn_layer.py --quick      # the target size only
+    python benchmarks/sdn_layer.py --sweep triton --device cuda   # the Triton kernels as "library"
+
+``--sweep`` picks the library's sweep (``SDN_SWEEP``: auto = Triton on CUDA, plain on CPU). On CPU
+the plain sweep stays: the only other candidate, the Triton kernels, runs on CPU in Triton's
+interpreter, thousands of times slower (``python benchmarks/sweep_gpu.py --tiny`` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -119,12 +125,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sweep", choices=["auto", "plain", "triton"], default="auto",
+                        help="the library's sweep implementation (SDN_SWEEP)")
     args = parser.parse_args()
+    os.environ["SDN_SWEEP"] = args.sweep
     torch.set_num_threads(args.threads)
     grid = [(32, 64, 32, 2)] if args.quick else [
         (32, f, s, d) for f in (32, 64) for s in (8, 16, 32) for d in (2, 4)
     ]
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+    print(f"device={args.device} sweep={args.sweep} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} "
           f"repeats={args.repeats} (median, alternating)")
     header = (f"{'B':>3} {'F':>3} {'map':>6} {'dirs':>4} | {'fwd inplace':>11} {'fwd lib':>9} "
               f"{'x':>5} | {'f+b inplace':>11} {'f+b lib':>9} {'x':>5} | "

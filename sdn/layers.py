@@ -2,19 +2,33 @@
 
 Unlike the official code this works on non-square maps (each sweep walks its own axis length),
 never writes into its input, and runs the sweeps through :func:`sdn.sweep.sweep_lines`, whose
-hand-written backward avoids the per-line copies of an in-place loop.
+hand-written backward avoids the per-line copies of an in-place loop, or — on CUDA when Triton is
+available — through the persistent kernels of :mod:`sdn.sweep_triton` (one launch per sweep).
+The environment variable ``SDN_SWEEP`` (``auto`` | ``plain`` | ``triton``) overrides the choice.
+
+Precision: the sweeps run in the dtype of the surrounding autocast region (the official ``--amp``
+runs ran ``nn.GRUCell`` under fp16 autocast): their matrix products take fp16/bf16 operands, the
+state is stored in that dtype. Outside autocast they run in the input's dtype; fp32 stays exact
+fp32 (the plain path's matmuls follow torch's TF32 setting, off by default; the kernels never
+use TF32).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import os
+from contextlib import nullcontext
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sdn.sweep import sweep_lines
+from sdn.sweep_triton import TRITON_AVAILABLE, triton_sweep_lines
 
-__all__ = ["DIRECTIONS", "DirectionalSweep", "SDNLayer", "ResSDNLayer", "normalize_directions"]
+__all__ = ["DIRECTIONS", "SWEEP_IMPLEMENTATIONS", "DirectionalSweep", "SDNLayer", "ResSDNLayer",
+           "normalize_directions", "select_sweep"]
+
+SWEEP_IMPLEMENTATIONS = ("auto", "plain", "triton")
 
 # Official direction index -> name (index order of djordjemila/sdn).
 DIRECTIONS: tuple[str, ...] = ("left_right", "right_left", "top_down", "bottom_up")
@@ -73,13 +87,44 @@ def _check_map(x: Tensor, channels: int, what: str) -> None:
         )
 
 
+def select_sweep(device: torch.device, implementation: str | None = None) -> Callable[..., Tensor]:
+    """The sweep function for tensors on ``device``.
+
+    ``implementation`` (default: the ``SDN_SWEEP`` environment variable, else ``auto``): ``plain``
+    is :func:`sdn.sweep.sweep_lines` (the reference, used on CPU); ``triton`` the persistent
+    kernels (compiled on CUDA, interpreted on CPU — slow, for tests; one operator on the meta
+    device); ``auto`` picks ``triton`` on CUDA when Triton is importable, else ``plain``.
+    """
+    choice = implementation or os.environ.get("SDN_SWEEP", "auto")
+    if choice not in SWEEP_IMPLEMENTATIONS:
+        raise ValueError(f"SDN_SWEEP must be one of {list(SWEEP_IMPLEMENTATIONS)}, got {choice!r}")
+    if choice == "triton" and not TRITON_AVAILABLE:
+        raise ValueError("SDN_SWEEP=triton needs the `triton` package, which is not importable")
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" and TRITON_AVAILABLE else "plain"
+    return triton_sweep_lines if choice == "triton" else sweep_lines
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # the meta device has no autocast
+
+
+def _sweep_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the sweeps compute in: the autocast dtype inside autocast, else the input's."""
+    device_type = x.device.type
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def _run_sweeps(x: Tensor, sweeps: Sequence["DirectionalSweep"]) -> Tensor:
     """Apply sweeps in order, converting layouts only when the sweep axis changes."""
-    in_dtype = x.dtype
-    compute_dtype = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
-    # The recurrence runs in at least float32, outside autocast: 2·(N−1) chained GRU steps in
-    # bf16 would drift far from the paper's math.
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    compute_dtype = _sweep_dtype(x)
+    sweep_fn = select_sweep(x.device)
+    # Autocast is off inside: the dtypes are set explicitly (operands, weights and state in the
+    # autocast dtype), as autocast would have run nn.GRUCell.
+    device_type = x.device.type
+    with (torch.autocast(device_type=device_type, enabled=False)
+          if device_type in _AUTOCAST_DEVICES else nullcontext()):
         lines, axis = None, None
         for sweep in sweeps:
             sweep_axis, reverse = _SWEEP_AXIS[sweep.direction]
@@ -89,7 +134,7 @@ def _run_sweeps(x: Tensor, sweeps: Sequence["DirectionalSweep"]) -> Tensor:
                 lines = lines.transpose(0, 1)
             axis = sweep_axis
             cell = sweep.cell
-            lines = sweep_lines(
+            lines = sweep_fn(
                 lines,
                 cell.weight_ih.to(compute_dtype),
                 cell.weight_hh.to(compute_dtype),
@@ -97,7 +142,7 @@ def _run_sweeps(x: Tensor, sweeps: Sequence["DirectionalSweep"]) -> Tensor:
                 None if cell.bias_hh is None else cell.bias_hh.to(compute_dtype),
                 reverse=reverse,
             )
-        return _from_lines(lines, axis).to(in_dtype)
+        return _from_lines(lines, axis).to(x.dtype)
 
 
 class DirectionalSweep(nn.Module):

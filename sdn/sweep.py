@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["sweep_lines"]
+__all__ = ["sweep_lines", "parameter_grads"]
 
 
 def _line_ranges(num_lines: int, reverse: bool) -> tuple[slice, slice, int]:
@@ -49,6 +49,61 @@ def _add_neighbour_products(acc: Tensor, prev: Tensor, blocks_t: list[Tensor], b
     acc.addmm_(prev, blocks_t[1])
     acc[batch:].addmm_(prev[: rows - batch], blocks_t[0])
     acc[: rows - batch].addmm_(prev[batch:], blocks_t[2])
+
+
+def parameter_grads(
+    grad_pre: Tensor,
+    grad_x: Tensor,
+    x_rows: Tensor,
+    out: Tensor,
+    reset: Tensor,
+    weight_hh: Tensor,
+    reverse: bool,
+    length: int,
+    batch: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Weight and bias gradients of a sweep as a few large matrix products over all lines.
+
+    ``grad_pre`` (S, L·B, 3F) holds the gradients of the gate pre-activations [r, z, n-input] of
+    every updated line (the first line's rows are never read), ``out`` the sweep's output and
+    ``reset`` the reset gates of the updated lines. The hidden path's gradient into the input,
+    W_hhᵀ·[dr, dz, dn·r], is added to ``grad_x`` in place. ``grad_pre`` is overwritten.
+    Shared by the plain sweep and the Triton fast path (:mod:`sdn.sweep_triton`).
+    """
+    num_lines, _, feat = x_rows.shape
+    done, prev_of_done, _ = _line_ranges(num_lines, reverse)
+
+    # Input weights, one product per neighbour offset over all updated lines. Shifting the
+    # flattened (line, position, batch) rows by ±B pairs every position with its neighbour,
+    # plus one wrong pair per line boundary, which is subtracted again.
+    g_flat = grad_pre[done].reshape(-1, 3 * feat)
+    p_flat = out[prev_of_done].reshape(-1, feat)
+    grad_blocks = [None, g_flat.t().mm(p_flat), None]
+    if length > 1:
+        g4 = grad_pre[done].view(-1, length, batch, 3 * feat)
+        p4 = out[prev_of_done].view(-1, length, batch, feat)
+        shifted = {0: (g_flat[batch:], p_flat[:-batch], g4[1:, 0], p4[:-1, -1]),
+                   2: (g_flat[:-batch], p_flat[batch:], g4[:-1, -1], p4[1:, 0])}
+        for k, (gs, ps, g_wrong, p_wrong) in shifted.items():
+            grad_blocks[k] = gs.t().mm(ps)
+            if g_wrong.numel():
+                grad_blocks[k].sub_(
+                    g_wrong.reshape(-1, 3 * feat).t().mm(p_wrong.reshape(-1, feat))
+                )
+    else:  # one position per line: no neighbours at offsets ±1
+        grad_blocks[0] = grad_blocks[2] = torch.zeros_like(grad_blocks[1])
+    grad_weight_ih = torch.cat(grad_blocks, dim=1)
+    grad_bias_ih = g_flat.sum(0)
+
+    # Hidden path, all lines at once: d(W_hh·h + b_hh) = [dr, dz, dn·r] (in place: the
+    # input-weight gradients above were the last readers of dn).
+    grad_hidden = grad_pre[done]
+    grad_hidden[:, :, 2 * feat :] *= reset
+    grad_hidden = grad_hidden.view(-1, 3 * feat)
+    grad_x[done].view(-1, feat).addmm_(grad_hidden, weight_hh)
+    grad_weight_hh = grad_hidden.t().mm(x_rows[done].reshape(-1, feat))
+    grad_bias_hh = grad_hidden.sum(0)
+    return grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh
 
 
 class _SweepFunction(torch.autograd.Function):
@@ -136,37 +191,9 @@ class _SweepFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x_rows)
         grad_x[first] = grad_lines[first]
         torch.mul(grad_lines[done], z, out=grad_x[done])  # direct path h' = ... + z·h
-
-        # Input weights, one product per neighbour offset over all updated lines. Shifting the
-        # flattened (line, position, batch) rows by ±B pairs every position with its neighbour,
-        # plus one wrong pair per line boundary, which is subtracted again.
-        g_flat = grad_pre[done].view(-1, 3 * feat)
-        p_flat = out[prev_of_done].view(-1, feat)
-        grad_blocks = [None, g_flat.t().mm(p_flat), None]
-        if length > 1:
-            g4 = grad_pre[done].view(-1, length, batch, 3 * feat)
-            p4 = out[prev_of_done].view(-1, length, batch, feat)
-            shifted = {0: (g_flat[batch:], p_flat[:-batch], g4[1:, 0], p4[:-1, -1]),
-                       2: (g_flat[:-batch], p_flat[batch:], g4[:-1, -1], p4[1:, 0])}
-            for k, (gs, ps, g_wrong, p_wrong) in shifted.items():
-                grad_blocks[k] = gs.t().mm(ps)
-                if g_wrong.numel():
-                    grad_blocks[k].sub_(
-                        g_wrong.reshape(-1, 3 * feat).t().mm(p_wrong.reshape(-1, feat))
-                    )
-        else:  # one position per line: no neighbours at offsets ±1
-            grad_blocks[0] = grad_blocks[2] = torch.zeros_like(grad_blocks[1])
-        grad_weight_ih = torch.cat(grad_blocks, dim=1)
-        grad_bias_ih = g_flat.sum(0)
-
-        # Hidden path, all lines at once: d(W_hh·h + b_hh) = [dr, dz, dn·r] (in place: the
-        # input-weight gradients above were the last readers of dn).
-        grad_hidden = grad_pre[done]
-        grad_hidden[:, :, 2 * feat :] *= r
-        grad_hidden = grad_hidden.view(-1, 3 * feat)
-        grad_x[done].view(-1, feat).addmm_(grad_hidden, weight_hh)
-        grad_weight_hh = grad_hidden.t().mm(x_rows[done].reshape(-1, feat))
-        grad_bias_hh = grad_hidden.sum(0)
+        grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh = parameter_grads(
+            grad_pre, grad_x, x_rows, out, r, weight_hh, ctx.reverse, length, batch
+        )
 
         return (
             grad_x.view(num_lines, length, batch, feat),
