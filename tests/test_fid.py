@@ -15,6 +15,7 @@ import scipy.linalg
 import torch
 import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from eval_ddp_worker import FakeInception
 from fid_weights import save_random_fid_inception
 from PIL import Image
 from torch_fidelity.metric_fid import fid_statistics_to_metric
@@ -375,6 +376,61 @@ def test_sample_batches_of_the_ranks_cover_every_sample_once(num, batch):
         shares = [sample_batches(num, batch, rank, world) for rank in range(world)]
         assert sorted(b for share in shares for b in share) == whole  # disjoint, complete, same batches
         assert all(j % world == rank for rank, share in enumerate(shares) for j, _, _ in share)
+
+
+def _toy_batches(index, num):
+    """Sample batch j of a toy sampler: grayscale 8x8 noise seeded by j."""
+    return torch.randint(0, 256, (num, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+
+
+def test_sample_features_are_the_extractors_features_in_sample_order():
+    extractor = FakeInception()
+    features, grid = sample_features(_toy_batches, extractor, num_samples=7, sample_batch_size=3, batch_size=2,
+                                     device="cpu", progress=False, grid_size=5)
+    samples = torch.cat([_toy_batches(j, n) for j, _, n in sample_batches(7, 3)])
+    (direct,) = extractor(samples.expand(-1, 3, -1, -1))  # all at once, grayscale as RGB
+    assert features.dtype == np.float32 and features.shape == (7, 2048)
+    np.testing.assert_allclose(features, direct.numpy(), rtol=1e-5, atol=1e-5)  # other matmul batching
+    assert torch.equal(grid, samples[:5])
+    assert len(extractor.settings) == 5 + 1  # sample batches 3, 3, 1 in Inception batches of <= 2; the direct call
+    assert sample_features(_toy_batches, extractor, num_samples=2, sample_batch_size=2, batch_size=2,
+                           device="cpu", progress=False)[1] is None  # no grid asked
+
+
+@pytest.fixture
+def tf32_settings():
+    """Puts torch's TF32 switches back as they were after the test."""
+    switches = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [switch.fp32_precision for switch in switches]
+    yield
+    for switch, value in zip(switches, saved):
+        switch.fp32_precision = value
+
+
+@pytest.mark.parametrize("api", ["current", "legacy"])
+def test_inception_runs_with_tf32_off_and_the_settings_are_restored(tf32_settings, api):
+    """Whatever the caller enabled (torch's current fp32_precision switches or the legacy allow_tf32
+    flags), reference statistics and sample features are extracted in full float32 and the caller's
+    settings are back afterwards."""
+    if api == "current":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    extractor = FakeInception()
+    compute_reference(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), extractor, batch_size=2, progress=False)
+    sample_features(_toy_batches, extractor, num_samples=3, sample_batch_size=2, batch_size=2, device="cpu",
+                    progress=False)
+    assert extractor.settings == [("ieee", "ieee")] * 4  # 2 reference batches, 2 sample batches
+    if api == "current":
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    else:
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError, match="inside"):
+        with fid_stats.tf32_disabled():
+            raise RuntimeError("inside")
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored after an error too
 
 
 # ---------------------------------------------------------------- the real Inception loading path
