@@ -78,7 +78,8 @@ def image_log_weights(model: nn.Module, images: torch.Tensor, indices: Sequence[
         raise ValueError(f"got {images.shape[0]} images but {len(indices)} indices")
     device = _model_device(model)
     noise_size = int(model.posterior_noise_size)
-    slices = [model.posterior_features(images[s:s + chunk_size].to(device)) for s in range(0, images.shape[0], chunk_size)]
+    slices = [model.posterior_features(images[s:s + chunk_size].to(device))
+              for s in range(0, images.shape[0], chunk_size)]
     features = slices[0] if len(slices) == 1 else [torch.cat(parts) for parts in zip(*slices)]
     del slices
     generators = [torch.Generator(device=device).manual_seed(derive_seed(seed, int(i))) for i in indices]

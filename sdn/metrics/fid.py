@@ -313,7 +313,8 @@ def sample_features(
             for offset in range(0, rgb.shape[0], batch_size):
                 part = rgb[offset:offset + batch_size]
                 begin = start + offset
-                features[begin:begin + part.shape[0]] = torch.from_numpy(fid_stats.inception_features(extractor, part, device))
+                rows = fid_stats.inception_features(extractor, part, device)
+                features[begin:begin + part.shape[0]] = torch.from_numpy(rows)
             bar.update(batch.shape[0])
     features = merge_disjoint(features)
     if not grid_size:
