@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdn/ and baselines/
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
 
 from sdn.callbacks import Callback  # noqa: E402
 import baselines  # noqa: E402,F401  (registers the decoder blocks)
@@ -67,7 +67,7 @@ def main() -> None:
             result = train(model, train_set, train_config, Path(tmp) / name,
                            callbacks=[PrintBpd(name)], resume=False)
             seconds = time.perf_counter() - began
-            scores = evaluate_bpd(result.eval_model, DataLoader(test_set, batch_size=64),
+            scores = evaluate_bpd(result.eval_model, test_set, batch_size=64,
                                   num_samples=args.iw_samples, seed=args.seed, progress=False)
             rows.append((name, seconds, scores["elbo_bpd"], scores["iw_bpd"]))
     print(f"\n{'model':>12} {'train s':>8} {'test ELBO bpd':>14} {'test IW bpd (K=' + str(args.iw_samples) + ')':>20}")

@@ -3,6 +3,7 @@ with the features of a seeded subset of ``--kid-features`` images for KID.
 
 Without Inception weights (no ``--weights-path``, or a path that does not exist: a study that does not
 download them) it writes a file that records why, so the later FID stage reports n/a instead of failing.
+``--device auto`` (dvc.yaml) runs Inception where the fid stage runs it (cuda if available), TF32 off.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from sdn.distributed import DEVICES, resolve_device
 from sdn.metrics.fid import (
     FEATURE_LAYER,
     IMPLEMENTATION,
@@ -37,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights-path", default="", help="local Inception weights (fid.weights_path); empty = none")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--max-images", type=int, default=0, help="0 = the whole split")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto = cuda if available, the device the fid stage samples on")
     parser.add_argument("--kid-features", type=int, default=10000,
                         help="features of this many images (a seeded subset) kept for KID (fid.kid.reference_features)")
     parser.add_argument("--kid-seed", type=int, default=0, help="seed of that subset (fid.kid.seed)")
@@ -48,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     """Compute and save the statistics (or the 'unavailable' marker); returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    device = resolve_device(args.device)
     try:
-        extractor = load_inception(args.weights_path or None, args.device)
+        extractor = load_inception(args.weights_path or None, device)
     except InceptionWeightsUnavailable as err:
         logging.warning("FID reference statistics not computed: %s", err)
         save_unavailable_reference(args.out, args.dataset, args.split, str(err))
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_study(args.params).with_data(args.dataset, args.data).prepared(args.dataset, args.split)
     max_images = args.max_images or None
     mu, sigma, features, indices = compute_reference(
-        dataset, extractor, args.batch_size, args.device, max_images, num_features=args.kid_features, seed=args.kid_seed
+        dataset, extractor, args.batch_size, device, max_images, num_features=args.kid_features, seed=args.kid_seed
     )
     num_images = len(dataset) if max_images is None else min(len(dataset), max_images)
     stats = ReferenceStatistics(mu, sigma, args.dataset, args.split, num_images, IMPLEMENTATION, VERSION, FEATURE_LAYER,

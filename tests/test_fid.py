@@ -15,10 +15,12 @@ import scipy.linalg
 import torch
 import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from eval_ddp_worker import FakeInception
 from fid_weights import save_random_fid_inception
 from PIL import Image
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
+from sdn.distributed import derive_seed
 from sdn.metrics import fid_stats
 from sdn.metrics.fid import (
     NO_WEIGHTS_REASON,
@@ -35,6 +37,8 @@ from sdn.metrics.fid import (
     kid_from_features,
     load_inception,
     model_sample_fn,
+    sample_batches,
+    sample_features,
 )
 from sdn.metrics.fid_stats import (
     FeatureKeeper,
@@ -343,19 +347,90 @@ class _ToyModel(torch.nn.Module):
         return torch.randint(0, 256, (num, 1, 8, 8), dtype=torch.uint8, generator=generator)
 
 
-def test_model_sample_fn_is_seeded_and_passes_temperature():
+def test_model_sample_fn_seeds_each_batch_by_its_index_and_passes_temperature():
     model = _ToyModel().train()
     a = model_sample_fn(model, temperature=0.7, seed=3)
-    b = model_sample_fn(model, temperature=0.7, seed=3)
-    first = a(4)
-    assert torch.equal(first, b(4)) and not torch.equal(first, a(4))
+    second = a(1, 4)
     assert model.calls[0] == (4, 0.7, False) and model.training  # sampled in eval mode, mode restored
+    first = model_sample_fn(model, temperature=0.7, seed=3)(0, 4)
+    assert torch.equal(a(1, 4), second) and not torch.equal(first, second)  # batch j: (seed, j) only
+    want = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(derive_seed(3, 1)))
+    assert torch.equal(second, want)
+    assert not torch.equal(model_sample_fn(model, temperature=0.7, seed=4)(1, 4), second)
     batches = list(iterate_samples(a, 10, 4))
-    assert [x.shape[0] for x in batches] == [4, 4, 2]
+    assert [(start, x.shape[0]) for start, x in batches] == [(0, 4), (4, 4), (8, 2)]
+    assert torch.equal(batches[1][1], second)
     with pytest.raises(ValueError, match="uint8"):
-        list(iterate_samples(lambda n: torch.zeros(n, 3, 4, 4), 3, 2))
+        list(iterate_samples(lambda j, n: torch.zeros(n, 3, 4, 4), 3, 2))
     with pytest.raises(ValueError, match=r"\(2, C, H, W\)"):
-        list(iterate_samples(lambda n: torch.zeros(n + 1, 3, 4, 4, dtype=torch.uint8), 2, 2))
+        list(iterate_samples(lambda j, n: torch.zeros(n + 1, 3, 4, 4, dtype=torch.uint8), 2, 2))
+
+
+@pytest.mark.parametrize("num,batch", [(10, 4), (7, 1), (3, 5), (12, 3)])
+def test_sample_batches_of_the_ranks_cover_every_sample_once(num, batch):
+    whole = sample_batches(num, batch)
+    assert [j for j, _, _ in whole] == list(range(len(whole)))
+    assert [i for _, start, n in whole for i in range(start, start + n)] == list(range(num))
+    for world in (1, 2, 3, 4):
+        shares = [sample_batches(num, batch, rank, world) for rank in range(world)]
+        assert sorted(b for share in shares for b in share) == whole  # disjoint, complete, same batches
+        assert all(j % world == rank for rank, share in enumerate(shares) for j, _, _ in share)
+
+
+def _toy_batches(index, num):
+    """Sample batch j of a toy sampler: grayscale 8x8 noise seeded by j."""
+    return torch.randint(0, 256, (num, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+
+
+def test_sample_features_are_the_extractors_features_in_sample_order():
+    extractor = FakeInception()
+    features, grid = sample_features(_toy_batches, extractor, num_samples=7, sample_batch_size=3, batch_size=2,
+                                     device="cpu", progress=False, grid_size=5)
+    samples = torch.cat([_toy_batches(j, n) for j, _, n in sample_batches(7, 3)])
+    (direct,) = extractor(samples.expand(-1, 3, -1, -1))  # all at once, grayscale as RGB
+    assert features.dtype == np.float32 and features.shape == (7, 2048)
+    np.testing.assert_allclose(features, direct.numpy(), rtol=1e-5, atol=1e-5)  # other matmul batching
+    assert torch.equal(grid, samples[:5])
+    assert len(extractor.settings) == 5 + 1  # sample batches 3, 3, 1 in Inception batches of <= 2; the direct call
+    assert sample_features(_toy_batches, extractor, num_samples=2, sample_batch_size=2, batch_size=2,
+                           device="cpu", progress=False)[1] is None  # no grid asked
+
+
+@pytest.fixture
+def tf32_settings():
+    """Puts torch's TF32 switches back as they were after the test."""
+    switches = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [switch.fp32_precision for switch in switches]
+    yield
+    for switch, value in zip(switches, saved):
+        switch.fp32_precision = value
+
+
+@pytest.mark.parametrize("api", ["current", "legacy"])
+def test_inception_runs_with_tf32_off_and_the_settings_are_restored(tf32_settings, api):
+    """Whatever the caller enabled (torch's current fp32_precision switches or the legacy allow_tf32
+    flags), reference statistics and sample features are extracted in full float32 and the caller's
+    settings are back afterwards."""
+    if api == "current":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    extractor = FakeInception()
+    compute_reference(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), extractor, batch_size=2, progress=False)
+    sample_features(_toy_batches, extractor, num_samples=3, sample_batch_size=2, batch_size=2, device="cpu",
+                    progress=False)
+    assert extractor.settings == [("ieee", "ieee")] * 4  # 2 reference batches, 2 sample batches
+    if api == "current":
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    else:
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError, match="inside"):
+        with fid_stats.tf32_disabled():
+            raise RuntimeError("inside")
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored after an error too
 
 
 # ---------------------------------------------------------------- the real Inception loading path
@@ -488,15 +563,11 @@ def test_reference_kid_subset_is_the_seeded_images_features(reference, extractor
 @pytest.mark.slow  # Inception-v3 forward passes at 299x299 and a 2048x2048 sqrtm
 def test_fid_of_dataset_against_itself_is_zero(reference, weights_file):
     dataset, stats, _ = reference
-    position = [0]
+    def replay(index, num):  # a "model" whose sample batch j is reference images [2j, 2j + num)
+        return dataset.images[2 * index : 2 * index + num]
 
-    def replay(num):  # a "model" whose samples are the reference images, in order
-        out = dataset.images[position[0] : position[0] + num]
-        position[0] += num
-        return out
-
-    result = compute_fid(replay, stats, weights_file, num_samples=NUM_IMAGES, batch_size=BATCH, eps=EPS,
-                         progress=False)
+    result = compute_fid(replay, stats, weights_file, num_samples=NUM_IMAGES, batch_size=BATCH, sample_batch_size=2,
+                         eps=EPS, progress=False)
     assert result.available and result.reason is None and result.eps_offset_used  # N < 2048: singular
     # pytorch-fid's offset enters only the sqrtm term: exactly 0 becomes -2 * 2048 * eps
     assert result.value == pytest.approx(-2 * 2048 * EPS, abs=1e-7)
@@ -534,7 +605,7 @@ def test_fid_of_random_model_equals_direct_formula(reference, weights_file, tmp_
 
 
 def test_fid_offline_is_not_available(tmp_path, weights_file):
-    def never(num):
+    def never(index, num):
         raise AssertionError("no samples should be drawn without weights")
 
     ref = save_reference_statistics(tmp_path / "ref.npz", _stats(2048, mu=np.zeros(2048), sigma=np.eye(2048)))
@@ -553,13 +624,15 @@ def test_fid_offline_is_not_available(tmp_path, weights_file):
 
 
 def test_compute_fid_rejects_bad_arguments_and_mismatched_reference(weights_file):
-    def never(num):
+    def never(index, num):
         raise AssertionError("no samples should be drawn")
 
     with pytest.raises(ValueError, match="num_samples"):
         compute_fid(never, _stats(2048), weights_file, num_samples=1)
     with pytest.raises(ValueError, match="batch_size"):
         compute_fid(never, _stats(2048), weights_file, batch_size=0)
+    with pytest.raises(ValueError, match="sample_batch_size"):
+        compute_fid(never, _stats(2048), weights_file, sample_batch_size=0)
     with pytest.raises(ValueError, match="2048-d"):
         compute_fid(never, _stats(6), weights_file, num_samples=4)
     other = ReferenceStatistics(np.zeros(2048), np.eye(2048), "toy", "train", 7, "clean-fid", "0.1", "2048")
@@ -584,7 +657,7 @@ def test_kid_is_na_with_a_reference_without_features(reference, weights_file):
     dataset, stats, _ = reference
     old = ReferenceStatistics(stats.mu, stats.sigma, "tiny", "train", NUM_IMAGES, "torch-fidelity",
                               stats.version, "2048")  # a format-1 file: no KID features
-    result = compute_fid(lambda n: dataset.images[:n], old, weights_file, num_samples=2, batch_size=2, progress=False)
+    result = compute_fid(lambda j, n: dataset.images[:n], old, weights_file, num_samples=2, batch_size=2, progress=False)
     assert result.available and not result.kid_available and result.kid_mean is None
     assert "no KID features" in result.kid_reason
 

@@ -87,6 +87,47 @@ def test_log_weights_share_the_bottom_up_pass_exactly(name: str) -> None:
     assert not torch.allclose(shared[0], shared[1])  # the samples differ from each other
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_split_evaluation_pass_equals_the_whole_model_on_repeated_images(name: str) -> None:
+    """Encoder once on the B images, then the top-down pass on rows gathered from it, equals the
+    whole model run on the images repeated before the encoder (the old way), with the same noise."""
+    torch.manual_seed(0)
+    model = build_hvae(get_config("tiny"), name).eval()
+    images, rows = tiny_images(3), torch.tensor([2, 0, 0, 1, 2, 2, 1])
+    noise = torch.randn(len(rows), model.posterior_noise_size, generator=torch.Generator().manual_seed(4))
+    features = model.posterior_features(images)
+    split = model.log_weights_from_features(features, rows, noise)
+    with torch.no_grad():
+        log_px, kls = model._elbo_terms(images[rows], noise=noise)
+    naive = (log_px - torch.stack(kls).sum(dim=0)).double()
+    assert split.dtype == torch.float64 and split.shape == (7,)
+    torch.testing.assert_close(split, naive, rtol=1e-5, atol=1e-4)
+    moved = noise.clone()
+    moved[3] += 1.0  # one sample's noise: only that sample's weight changes
+    other = model.log_weights_from_features(features, rows, moved)
+    keep = [0, 1, 2, 4, 5, 6]
+    assert abs(other[3] - split[3]) > 1e-3
+    torch.testing.assert_close(other[keep], split[keep], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="posterior noise"):
+        model.log_weights_from_features(features, rows, noise[:, :-1])
+
+
+def test_noise_shapes_are_the_posterior_shapes_of_the_top_down_steps() -> None:
+    torch.manual_seed(0)
+    model = build_hvae(get_config("tiny"), "sdn").eval()
+    seen: list[tuple[int, ...]] = []
+    hooks = [layer.iaf.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[1:])))
+             for layer in model.layers]
+    try:
+        with torch.no_grad():
+            model(tiny_images(2))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == model.noise_shapes  # called top layer first
+    assert model.posterior_noise_size == sum(math.prod(shape) for shape in seen)
+
+
 def test_sample_contract_temperature_zero_and_generator() -> None:
     torch.manual_seed(0)
     model = build_hvae(get_config("tiny"), "sdn")

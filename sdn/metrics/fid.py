@@ -7,7 +7,10 @@ can, with the file's sha256 prefix). The Frechet distance follows pytorch-fid's
 conventions (float64, ``scipy.linalg.sqrtm``, ``eps * I`` offset for singular products). KID is
 torch-fidelity's ``kid_features_to_metric`` (unbiased MMD^2 with the kernel ``(x.y / d + 1)^3``,
 averaged over random subsets) on the same features: all generated samples against the reference
-file's seeded subset of training-image features.
+file's seeded subset of training-image features. Sampling is shared out over the ranks of an
+initialised process group (sample batch j is seeded by (seed, j), whoever draws it) and the features
+merged, so the numbers do not depend on the number of ranks; Inception runs with TF32 off
+(``sdn.metrics.fid_stats.tf32_disabled``), like the reference statistics.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from tqdm.auto import tqdm
 
+from sdn.collectives import merge_disjoint, rank_and_world
+from sdn.distributed import derive_seed
 from sdn.images import save_image_grid
+from sdn.metrics import fid_stats
 from sdn.metrics.fid_stats import (
     FEATURE_DIM,
-    FeatureKeeper,
     ReferenceStatistics,
     ReferenceStatisticsUnavailable,
-    accumulate_statistics,
+    RunningMoments,
     load_reference_statistics,
 )
 
@@ -54,7 +60,7 @@ WEIGHTS_SHA256_PREFIX = "6726825d"
 KID_KERNEL = "polynomial (x.y / d + 1)^3"
 KID_ESTIMATOR = "unbiased MMD^2, mean and std over random subsets (torch-fidelity kid_features_to_metric)"
 
-SampleFn = Callable[[int], torch.Tensor]
+SampleFn = Callable[[int, int], torch.Tensor]  # (global sample batch j, num) -> uint8 (num, C, H, W)
 
 
 class InceptionWeightsUnavailable(RuntimeError):
@@ -224,12 +230,15 @@ class FIDResult:
 
 
 def model_sample_fn(model: torch.nn.Module, temperature: float = 1.0, seed: int = 0) -> SampleFn:
-    """Wrap ``model.sample(num, temperature, generator)`` as a seeded ``sample_fn(num) -> uint8``."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    """Wrap ``model.sample(num, temperature, generator)`` as ``sample_fn(j, num) -> uint8`` (on the CPU):
+    global sample batch j is drawn in eval mode with a generator on the model's device seeded by
+    ``derive_seed(seed, j)``, so it depends on (seed, j) only, not on which rank draws it."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def sample_fn(num: int) -> torch.Tensor:
+    def sample_fn(index: int, num: int) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, index))
         was_training = model.training
         model.eval()
         try:
@@ -240,12 +249,22 @@ def model_sample_fn(model: torch.nn.Module, temperature: float = 1.0, seed: int 
     return sample_fn
 
 
-def iterate_samples(sample_fn: SampleFn, num_samples: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Draw ``num_samples`` images in batches, checking each batch is uint8 (n, C, H, W) with C in {1, 3}."""
-    drawn = 0
-    while drawn < num_samples:
-        num = min(batch_size, num_samples - drawn)
-        batch = sample_fn(num)
+def sample_batches(num_samples: int, batch_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, int, int]]:
+    """(j, start, num) of the global sample batches that ``rank`` of ``world`` draws: batch j holds
+    samples ``[j * batch_size, min((j + 1) * batch_size, num_samples))``; rank r takes every j with
+    ``j % world == r`` (so batch 0, and its image shape, is always rank 0's)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"sample batch_size must be a positive int, got {batch_size!r}")
+    count = -(-num_samples // batch_size)
+    return [(j, j * batch_size, min(batch_size, num_samples - j * batch_size)) for j in range(rank, count, world)]
+
+
+def iterate_samples(sample_fn: SampleFn, num_samples: int, batch_size: int, rank: int = 0,
+                    world: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, batch) of the sample batches of ``rank`` (:func:`sample_batches`), each checked to be
+    uint8 (n, C, H, W) with C in {1, 3}."""
+    for index, start, num in sample_batches(num_samples, batch_size, rank, world):
+        batch = sample_fn(index, num)
         if (
             not isinstance(batch, torch.Tensor)
             or batch.dtype != torch.uint8
@@ -254,9 +273,56 @@ def iterate_samples(sample_fn: SampleFn, num_samples: int, batch_size: int) -> I
             or batch.shape[1] not in (1, 3)
         ):
             got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise ValueError(f"sample_fn({num}) must return torch.uint8 ({num}, C, H, W) with C in {{1, 3}}, got {got}")
-        drawn += num
-        yield batch
+            raise ValueError(f"sample_fn({index}, {num}) must return torch.uint8 ({num}, C, H, W) with C in {{1, 3}}, "
+                             f"got {got}")
+        yield start, batch
+
+
+def sample_features(
+    sample_fn: SampleFn,
+    extractor: torch.nn.Module,
+    *,
+    num_samples: int,
+    sample_batch_size: int,
+    batch_size: int,
+    device: str | torch.device,
+    progress: bool = True,
+    grid_size: int = 0,
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Inception features (num_samples, 2048) float32 of every sample in index order, and the first
+    ``grid_size`` samples (uint8, None when 0), the same on every rank.
+
+    Under a process group of several ranks each rank draws its sample batches of
+    ``sample_batch_size`` (:func:`sample_batches`), runs them through ``extractor`` in batches of at
+    most ``batch_size`` and the results are merged exactly (``sdn.collectives.merge_disjoint``),
+    so the features equal one rank's up to float round-off. Every rank must call this.
+    """
+    rank, world = rank_and_world()
+    features = torch.zeros(num_samples, FEATURE_DIM, dtype=torch.float32)
+    grid: torch.Tensor | None = None
+    shape = torch.zeros(1, 4, dtype=torch.int64)  # the samples' (N, C, H, W), known from batch 0 (rank 0's)
+    with tqdm(total=num_samples, desc="FID samples", unit="img", disable=not progress or rank != 0) as bar:
+        for start, batch in iterate_samples(sample_fn, num_samples, sample_batch_size, rank, world):
+            if grid_size and start == 0:
+                shape[0] = torch.tensor([min(grid_size, num_samples), *batch.shape[1:]])
+            if grid_size and start < grid_size:
+                if grid is None:
+                    grid = torch.zeros(min(grid_size, num_samples), *batch.shape[1:], dtype=torch.uint8)
+                grid[start:start + batch.shape[0]] = batch[: grid.shape[0] - start]
+            rgb = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+            for offset in range(0, rgb.shape[0], batch_size):
+                part = rgb[offset:offset + batch_size]
+                begin = start + offset
+                rows = fid_stats.inception_features(extractor, part, device)
+                features[begin:begin + part.shape[0]] = torch.from_numpy(rows)
+            bar.update(batch.shape[0])
+    features = merge_disjoint(features)
+    if not grid_size:
+        return features.numpy(), None
+    shape = merge_disjoint(shape)
+    if grid is None:
+        grid = torch.zeros(*shape[0].tolist(), dtype=torch.uint8)
+    return features.numpy(), merge_disjoint(grid)
 
 
 def _unavailable(reason: str, num_samples: int, reference: str | None, temperature: float | None) -> FIDResult:
@@ -272,6 +338,7 @@ def compute_fid(
     *,
     num_samples: int = 50_000,
     batch_size: int = 50,
+    sample_batch_size: int | None = None,
     device: str | torch.device = "cpu",
     temperature: float | None = None,
     required: bool = False,
@@ -285,6 +352,11 @@ def compute_fid(
 ) -> FIDResult:
     """FID and KID of ``num_samples`` images from ``sample_fn`` against reference statistics (object or ``.npz``).
 
+    ``sample_fn(j, num)`` draws global sample batch j (``sample_batch_size`` images, default
+    ``batch_size``); ``batch_size`` is the Inception batch. Under a process group of several ranks
+    every rank must call this: the sample batches are shared out and the features merged
+    (:func:`sample_features`), every rank computes the same result and rank 0 writes the grid.
+
     Without usable weights (or with a reference file that records none) the result is n/a
     (``value=None``, ``available=False``) unless ``required``, in which case the error is raised.
     KID uses every generated feature and the reference's stored feature subset, with subsets of
@@ -297,6 +369,8 @@ def compute_fid(
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if sample_batch_size is not None and (not isinstance(sample_batch_size, int) or sample_batch_size < 1):
+        raise ValueError(f"sample_batch_size must be a positive int or None, got {sample_batch_size!r}")
     if not isinstance(kid_subsets, int) or kid_subsets < 1:
         raise ValueError(f"kid_subsets must be an int >= 1, got {kid_subsets!r}")
     if not isinstance(kid_subset_size, int) or kid_subset_size < 2:
@@ -322,31 +396,27 @@ def compute_fid(
     if reference.version != VERSION:
         logger.warning("reference statistics from %s %s, samples from %s", IMPLEMENTATION, reference.version, VERSION)
 
-    grid: list[torch.Tensor] = []
-
-    def batches() -> Iterator[torch.Tensor]:
-        kept = 0
-        for batch in iterate_samples(sample_fn, num_samples, batch_size):
-            if grid_path is not None and kept < grid_size:
-                grid.append(batch[: grid_size - kept].clone())
-                kept += grid[-1].shape[0]
-            yield batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
-
-    keep = FeatureKeeper() if reference.features is not None else None  # every generated feature, for KID
-    mu, sigma, count = accumulate_statistics(batches(), extractor, device, num_samples, "FID samples", progress, keep)
-    if grid_path is not None:
-        save_image_grid(torch.cat(grid), grid_path, nrow=8, padding=2)
+    features, grid = sample_features(
+        sample_fn, extractor, num_samples=num_samples, sample_batch_size=sample_batch_size or batch_size,
+        batch_size=batch_size, device=device, progress=progress, grid_size=grid_size if grid_path is not None else 0,
+    )
+    if grid is not None and rank_and_world()[0] == 0:
+        save_image_grid(grid, grid_path, nrow=8, padding=2)
+    moments = RunningMoments(FEATURE_DIM)
+    for start in range(0, num_samples, batch_size):  # the same merge order on every rank and world size
+        moments.update(features[start:start + batch_size])
+    mu, sigma, count = moments.mean, moments.covariance(), moments.count
     value, offset_used = frechet_distance_with_info(mu, sigma, reference.mu, reference.sigma, eps)
     kid: dict[str, Any] = {"kid_subsets": kid_subsets, "kid_subset_size_requested": kid_subset_size,
                            "kid_seed": kid_seed, "kid_reference": reference.describe_features()}
-    if keep is None:
+    if reference.features is None:
         kid["kid_reason"] = "the reference statistics file has no KID features (recompute it with num_features > 0)"
     else:
         size = min(kid_subset_size, count, len(reference.features))
         if size < 2:
             kid["kid_reason"] = f"KID needs at least 2 features on each side, got {count} and {len(reference.features)}"
         else:
-            mean, std = kid_from_features(keep.features(), reference.features, kid_subsets, size, kid_seed)
+            mean, std = kid_from_features(features, reference.features, kid_subsets, size, kid_seed)
             kid.update(kid_mean=mean, kid_std=std, kid_available=True, kid_subset_size=size)
     if not kid.get("kid_available"):
         logger.warning("KID not computed: %s", kid["kid_reason"])

@@ -11,6 +11,7 @@ float32: the dtype torch-fidelity's extractor produces, so storing them loses no
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -181,10 +182,42 @@ def iterate_image_batches(
     return _gen(), total
 
 
+# The switches of TF32 in float32 matmuls and convolutions (torch >= 2.9 API; the legacy
+# ``allow_tf32`` flags are views of them, and torch refuses to read those once both APIs were used).
+_TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+
+
+@contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """Full float32 precision in CUDA matmuls and cuDNN convolutions inside (TF32 off), the previous
+    settings restored after. Inception features on the GPU then match the CPU's to float round-off,
+    whatever the caller (a trainer, a user) enabled, so reference and sample features share numerics."""
+    if all(hasattr(switch, "fp32_precision") for switch in _TF32_SWITCHES):
+        saved = [switch.fp32_precision for switch in _TF32_SWITCHES]
+        try:
+            for switch in _TF32_SWITCHES:
+                switch.fp32_precision = "ieee"
+            yield
+        finally:
+            for switch, value in zip(_TF32_SWITCHES, saved):
+                switch.fp32_precision = value
+        return
+    legacy = (torch.backends.cuda.matmul, torch.backends.cudnn)  # torch < 2.9
+    saved = [switch.allow_tf32 for switch in legacy]
+    try:
+        for switch in legacy:
+            switch.allow_tf32 = False
+        yield
+    finally:
+        for switch, value in zip(legacy, saved):
+            switch.allow_tf32 = value
+
+
 @torch.inference_mode()
 def inception_features(extractor: torch.nn.Module, batch: torch.Tensor, device: str | torch.device) -> np.ndarray:
-    """2048-d pool3 features (float64, (B, 2048)) of one validated RGB uint8 batch."""
-    (features,) = extractor(batch.to(device))
+    """2048-d pool3 features (float64, (B, 2048)) of one validated RGB uint8 batch, TF32 off."""
+    with tf32_disabled():
+        (features,) = extractor(batch.to(device))
     return features.detach().to("cpu", torch.float64).numpy()
 
 

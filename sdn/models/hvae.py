@@ -3,7 +3,9 @@ reference notes) whose top-down blocks come from a pluggable block factory (``sd
 its architecture config ``HVAEConfig`` with the named ``PRESETS``, and ``build_hvae``.
 
 Contract (docs/architecture.md): ``forward(uint8 images) -> {"loss", "bpd", "kl", "recon"}``,
-``sample(num, temperature, generator) -> uint8``, ``log_weights(images, K) -> float64 (K, B)``.
+``sample(num, temperature, generator) -> uint8``, ``log_weights(images, K) -> float64 (K, B)``, and for
+``sdn.scores`` the split evaluation pass: ``posterior_features`` (bottom-up, once per image) and
+``log_weights_from_features`` (top-down, per posterior sample with given noise).
 Departures from the official code, on purpose: free bits are ``max(batch-mean KL, free_bits)`` per
 layer (the official code divides the correction by the batch size); the DML is normalised exactly
 (see ``sdn/likelihoods.py``); the IAF mask is applied functionally (the official code edits the weights).
@@ -166,9 +168,11 @@ class LadderLayer(nn.Module):
         q_up: torch.Tensor | None,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Top-down step. With ``q_up`` z comes from the posterior and the per-image one-sample KL
-        log q(z|x) - log p(z) (B,) is returned; without, z comes from the prior at ``temperature``."""
+        log q(z|x) - log p(z) (B,) is returned; without, z comes from the prior at ``temperature``.
+        The posterior's standard normal noise is ``noise`` (B, z, H, W) when given, else drawn."""
         out = self.down_a(F.elu(x))
         h_det, q_down, p_params = out.split([self.h_size, self.q_size, 2 * self.z_size], dim=1)
         p_mean, p_logvar = p_params.chunk(2, dim=1)
@@ -177,7 +181,8 @@ class LadderLayer(nn.Module):
             kl = None
         else:
             q_mean, q_logvar, context = (q_up + q_down).split([self.z_size, self.z_size, self.context], dim=1)
-            z0 = q_mean + torch.exp(0.5 * q_logvar) * _randn(q_mean, generator)
+            eps = _randn(q_mean, generator) if noise is None else noise.to(q_mean.device, q_mean.dtype)
+            z0 = q_mean + torch.exp(0.5 * q_logvar) * eps
             z, log_scale = self.iaf(z0, context)
             log_q = gaussian_log_prob(z0, q_mean, q_logvar) + log_scale
             log_p = gaussian_log_prob(z, p_mean, p_logvar)
@@ -224,32 +229,68 @@ class HierarchicalVAE(nn.Module):
                 f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}"
             )
 
-    def _elbo_terms(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                    repeats: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(log p(x|z) per image (repeats * B,), list of per-layer KL samples, top layer first).
-
-        With ``repeats`` > 1 the deterministic bottom-up pass runs once on the B images and its
-        outputs are repeated (sample-major: row k * B + b is image b), so ``repeats`` posterior
-        samples per image cost only ``repeats`` top-down passes.
-        """
+    def _bottom_up(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The deterministic encoder pass: (preprocessed images, each layer's posterior parameters,
+        bottom layer first). Only the posterior parameters outlive the loop."""
         self._check_images(images)
         x = preprocess(images, self.config.bits, self.h_top.dtype).to(self.h_top.device)
         h = self.first(x)
         q_ups = []
         for layer in self.layers:
             h, q_up = layer.up(h)
-            q_ups.append(q_up.repeat(repeats, 1, 1, 1) if repeats > 1 else q_up)
-        if repeats > 1:
-            x = x.repeat(repeats, 1, 1, 1)
+            q_ups.append(q_up)
+        return x, q_ups
+
+    def _top_down(self, x: torch.Tensor, q_ups: list[torch.Tensor], rows: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(log p(x|z) per row, per-layer KL samples, top layer first) of the top-down pass.
+
+        Row p is image ``rows[p]`` of the bottom-up outputs (every image once when ``rows`` is None).
+        Each layer's posterior parameters are gathered for the rows just before its step, so only
+        one layer's repeated copy is alive at a time. The posterior noise is ``noise`` (rows,
+        ``posterior_noise_size``) when given, else drawn layer by layer (from ``generator``).
+        """
+        if rows is not None:
+            x = x.index_select(0, rows)
+        steps = self._split_noise(noise) if noise is not None else [None] * len(self.layers)
         h = self._top_input(x.shape[0])
         kls = []
-        for layer, q_up in zip(reversed(self.layers), reversed(q_ups)):
-            h, kl = layer.down(h, q_up, generator=generator)
+        for layer, q_up, eps in zip(reversed(self.layers), reversed(q_ups), steps):
+            h, kl = layer.down(h, q_up if rows is None else q_up.index_select(0, rows), generator=generator, noise=eps)
             kls.append(kl)
         params = self.output(F.elu(h))
         with torch.autocast(device_type=params.device.type, enabled=False):  # likelihood in float32 under AMP
             log_px = self.likelihood.log_prob(params.float(), x.float())
         return log_px, [kl.float() for kl in kls]
+
+    def _elbo_terms(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(log p(x|z) per image (B,), list of per-layer KL samples, top layer first): one posterior
+        sample per image, its noise ``noise`` (B, ``posterior_noise_size``) or drawn."""
+        x, q_ups = self._bottom_up(images)
+        return self._top_down(x, q_ups, generator=generator, noise=noise)
+
+    @property
+    def noise_shapes(self) -> list[tuple[int, int, int]]:
+        """(z, H, W) of the posterior noise of each top-down step, top layer first."""
+        shapes, scale = [], self.top_size
+        for layer in reversed(self.layers):
+            shapes.append((self.config.z_size, scale, scale))
+            scale = scale * 2 if layer.downsample else scale
+        return shapes
+
+    @property
+    def posterior_noise_size(self) -> int:
+        """Standard normal values one posterior sample uses (all layers, flattened top layer first)."""
+        return sum(z * h * w for z, h, w in self.noise_shapes)
+
+    def _split_noise(self, noise: torch.Tensor) -> list[torch.Tensor]:
+        """Flat per-sample noise (P, posterior_noise_size) as one (P, z, H, W) view per top-down step."""
+        if noise.dim() != 2 or noise.shape[1] != self.posterior_noise_size:
+            raise ValueError(f"posterior noise must be (P, {self.posterior_noise_size}), got {tuple(noise.shape)}")
+        sizes = [z * h * w for z, h, w in self.noise_shapes]
+        return [part.view(-1, *shape) for part, shape in zip(noise.split(sizes, dim=1), self.noise_shapes)]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Batch-mean training objective (nats/image, free bits per layer) and ELBO diagnostics."""
@@ -265,17 +306,40 @@ class HierarchicalVAE(nn.Module):
         }
 
     @torch.no_grad()
+    def posterior_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The bottom-up (encoder) pass of B images, to run once per image whatever the number of
+        posterior samples: [preprocessed images, each layer's posterior parameters], each (B, ...)."""
+        x, q_ups = self._bottom_up(images)
+        return [x, *q_ups]
+
+    @torch.no_grad()
+    def log_weights_from_features(self, features: list[torch.Tensor], rows: torch.Tensor,
+                                  noise: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) + log p(z) - log q(z|x), float64 (P,), of P posterior samples: sample p is of
+        image ``rows[p]`` of ``features`` (:meth:`posterior_features`) with standard normal noise
+        ``noise[p]`` (P, ``posterior_noise_size``). Only the top-down pass runs, on the P samples."""
+        x, *q_ups = features
+        if len(q_ups) != len(self.layers):
+            raise ValueError(f"expected features of {len(self.layers)} layers, got {len(q_ups)}")
+        if rows.dim() != 1 or noise.shape[0] != rows.shape[0]:
+            raise ValueError(f"rows (P,) and noise (P, D) must agree, got {tuple(rows.shape)} and {tuple(noise.shape)}")
+        log_px, kls = self._top_down(x, q_ups, rows=rows.to(x.device), noise=noise)
+        return (log_px - torch.stack(kls).sum(dim=0)).double()
+
+    @torch.no_grad()
     def log_weights(self, images: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """log p(x|z_k) + log p(z_k) - log q(z_k|x) for k < num_samples, float64 (num_samples, B).
 
         The bottom-up pass runs once per image and the top-down pass once per sample, all in one
-        batch of ``num_samples * B``; chunking is the caller's job.
+        batch of ``num_samples * B`` (sample-major rows, noise drawn layer by layer); chunking and
+        per-image noise are ``sdn.scores``'s job.
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        self._check_images(images)
+        x, q_ups = self._bottom_up(images)
         batch = images.shape[0]
-        log_px, kls = self._elbo_terms(images, generator, repeats=num_samples)
+        rows = torch.arange(batch, device=x.device).repeat(num_samples) if num_samples > 1 else None
+        log_px, kls = self._top_down(x, q_ups, rows=rows, generator=generator)
         log_w = log_px - torch.stack(kls).sum(dim=0)
         return log_w.double().view(num_samples, batch)
 
