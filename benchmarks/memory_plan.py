@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.study import Run, Study, load_study  # noqa: E402
 from sdn import memory_plan as mp  # noqa: E402
-from sdn.models.vanilla_vae import IMAGE_SIZE as VAE_IMAGE_SIZE  # noqa: E402
 
 DEFAULT_PARAMS = ROOT / "params-paper.yaml"
 DEFAULT_IW_CHUNK = 256  # sdn.scores.evaluate_bpd's chunk_size default (eval.iw_chunk_size absent)
@@ -52,12 +50,6 @@ DEFAULT_IW_CHUNK = 256  # sdn.scores.evaluate_bpd's chunk_size default (eval.iw_
 TEST_IMAGES = {"cifar10": 10_000, "imagenet32": 50_000, "celebahq256": 3_000}
 TRAIN_IMAGES = {"cifar10": 50_000, "imagenet32": 1_281_148, "celebahq256": 27_000}
 ASSUMED_TFLOPS = 20.0  # sustained TFLOP/s on one H100 for the projections (fp32 GEMMs, TF32 off: ~30 % of 67)
-
-
-def image_shape(config: Any) -> tuple[int, int, int]:
-    """(C, H, W) of a density (``HVAEConfig``) or VAE (``VAEConfig``, fixed 64x64) config."""
-    size = getattr(config, "image_size", VAE_IMAGE_SIZE)
-    return config.channels, size, size
 
 
 def paper_runs(study: Study, configs: Sequence[str] | None = None) -> list[Run]:
@@ -136,23 +128,12 @@ def _planner(phase: str, build: Callable[[], torch.nn.Module], shape: tuple[int,
     return mp.plan_fid_features
 
 
-def _largest(a: mp.PhasePlan, b: mp.PhasePlan, budget: int, multiple: int = 8) -> int:
-    """The largest size (a multiple of ``multiple`` when above it) whose planned bytes the affine line
-    through plans ``a`` and ``b`` keeps within ``budget`` (memory = fixed + per item x size)."""
-    per_item = max((b.planned_bytes - a.planned_bytes) / (b.size - a.size), 1.0)
-    fixed = a.planned_bytes - per_item * a.size
-    size = int((budget - fixed) // per_item)
-    if size >= multiple:
-        return size - size % multiple
-    return 2 ** int(math.log2(size)) if size >= 1 else 0
-
-
 def plan_run(study: Study, run: Run, budget: int, cache: dict[str, Any]) -> list[PhaseRow]:
     """The rows of one run: every phase at its size and at twice it (for the largest fitting size)."""
     config = study.model_config(run)
     family = study.family(run.family)
     build = functools.partial(family.build, config, run.model)
-    shape = image_shape(config)
+    shape = mp.image_shape(config)
     sizes = run_sizes(study, run)
     phases = {"train": sizes.micro_batch, "validation": sizes.validation, "iw_chunk": sizes.iw_chunk,
               "sampling": sizes.sampling, "fid_features": sizes.fid_features}
@@ -169,7 +150,7 @@ def plan_run(study: Study, run: Run, budget: int, cache: dict[str, Any]) -> list
             if phase == "fid_features":
                 cache[key] = (a, b)
         rows.append(PhaseRow(run.dataset, run.model, phase, size, a.peak_bytes / mp.GIB, a.planned_gib,
-                             a.fits(budget), _largest(a, b, budget), float(a.flops),
+                             a.fits(budget), mp.largest_fitting_size(a, b, budget), float(a.flops),
                              _total_flops(run, phase, sizes, a, b, cache)))
     return rows
 

@@ -40,6 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
+from sdn.models.vanilla_vae import IMAGE_SIZE as VAE_IMAGE_SIZE
+
 GIB = 2**30
 HEADROOM_FRACTION = 0.15  # allocator block rounding + fragmentation: 15 % over the live-tensor peak
 CONTEXT_BYTES = 1 * GIB   # CUDA context, cuBLAS/cuDNN workspaces and NCCL buffers (≈ 0.5-1 GiB on an H100)
@@ -309,33 +311,33 @@ def plan_fid_features(batch: int) -> PhasePlan:
                          lambda m: m(torch.zeros((batch, 3, 299, 299), dtype=torch.uint8, device="meta")))
 
 
-def largest_that_fits(plan: Callable[[int], PhasePlan], budget_bytes: int, start: int, multiple: int = 8,
-                      limit: int = 2**16) -> int:
-    """The largest size (a multiple of ``multiple``, or a power of two below it) whose plan fits
-    ``budget_bytes``; 0 when not even 1 fits.
+def largest_fitting_size(a: PhasePlan, b: PhasePlan, budget_bytes: int, multiple: int = 8) -> int:
+    """The largest size whose planned bytes stay within ``budget_bytes`` on the line through plans ``a``
+    and ``b`` of one phase at two sizes (memory is affine in the size: fixed state + per-item tensors):
+    a multiple of ``multiple`` when at least ``multiple``, else a power of two; 0 when not even 1 fits."""
+    if a.size == b.size:
+        raise ValueError(f"need plans at two different sizes, got {a.size} twice")
+    per_item = max((b.planned_bytes - a.planned_bytes) / (b.size - a.size), 1.0)
+    fixed = a.planned_bytes - per_item * a.size
+    size = int((budget_bytes - fixed) // per_item)
+    if size >= multiple:
+        return size - size % multiple
+    return 2 ** int(math.log2(size)) if size >= 1 else 0
 
-    Memory is affine in the size (fixed weights + per-item activations), so two plans give the line;
-    the predicted size is then checked with a third plan and lowered until it fits.
-    """
-    small = max(1, start)
-    large = 2 * small
-    a, b = plan(small), plan(large)
-    per_item = max((b.planned_bytes - a.planned_bytes) / (large - small), 1.0)
-    fixed = a.planned_bytes - per_item * small
-    guess = int((budget_bytes - fixed) // per_item)
-    guess = min(guess, limit)
-    candidates = _sizes_up_to(guess, multiple)
-    for size in candidates:
+
+def chunks_that_fit(plan: Callable[[int], PhasePlan], budget_bytes: int, start: int, multiple: int = 8) -> int:
+    """The largest size of a phase that fits ``budget_bytes``, checked: the affine prediction from the
+    plans at ``start`` and ``2 * start`` (:func:`largest_fitting_size`), planned and lowered by
+    ``multiple`` (below it: halved) until it fits; 0 when not even size 1 fits."""
+    size = largest_fitting_size(plan(start), plan(2 * start), budget_bytes, multiple)
+    while size >= 1:
         if plan(size).fits(budget_bytes):
             return size
+        size = size - multiple if size > multiple else size // 2
     return 0
 
 
-def _sizes_up_to(limit: int, multiple: int) -> list[int]:
-    """Descending candidate sizes <= ``limit``: multiples of ``multiple``, then powers of two below it."""
-    if limit < 1:
-        return []
-    top = limit - limit % multiple
-    sizes = [s for s in (top, top - multiple, top - 2 * multiple) if s >= multiple]
-    sizes += [2**k for k in range(int(math.log2(min(limit, multiple))), -1, -1)]
-    return sorted(set(sizes), reverse=True)
+def image_shape(config: Any) -> tuple[int, int, int]:
+    """(C, H, W) of the images of a density (``HVAEConfig``) or VAE (``VAEConfig``: fixed 64 x 64) config."""
+    size = getattr(config, "image_size", VAE_IMAGE_SIZE)
+    return config.channels, size, size
