@@ -166,3 +166,21 @@ def test_every_phase_of_every_paper_run_fits_80_gib(paper_study) -> None:
         phases[(r.config, r.model)].add(r.phase)
     assert all(p == set(mp.PHASES) for (c, _), p in phases.items() if c != "shapes3d")
     print(f"planned {len(rows)} phases in {time.perf_counter() - start:.0f} s")
+
+
+def test_train_stage_preflight_names_the_key_and_the_figures() -> None:
+    """pipelines/train.py's pre-flight (called directly with a fake budget): a budget below the plan
+    fails naming <family>.<dataset>.train.micro_batch_size and the GiB; enough budget passes; on CPU
+    (no budget given, no GPU) it is skipped."""
+    from pipelines.train import MemoryPlanError, check_memory_plan
+
+    study = load_study(ROOT / "params.yaml")
+    run = study.runs("density")[0]
+    config = study.train_config(run)
+    plan = check_memory_plan(study, run, config, available_bytes=80 * mp.GIB)
+    assert plan is not None and plan.fits(80 * mp.GIB)
+    with pytest.raises(MemoryPlanError, match=rf"density\.{run.dataset}\.train\.micro_batch_size = \d+ .*"
+                                              rf"needs {plan.planned_gib:.1f} GiB per GPU.* 0\.5 GiB are available"):
+        check_memory_plan(study, run, config, available_bytes=mp.GIB // 2)
+    if not torch.cuda.is_available():
+        assert check_memory_plan(study, run, config) is None
