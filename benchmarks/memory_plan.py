@@ -20,7 +20,8 @@ bottom-up pass once per image; fid_features: the 50,000 samples and the training
 sampling: the 50,000 FID samples). Exit status 1 when a phase does not fit.
 
     python benchmarks/memory_plan.py --gpu-memory 80                    # the table (minutes on a CPU)
-    python benchmarks/memory_plan.py --costs --tflops 20                # the README cost table (markdown)
+    python benchmarks/memory_plan.py --costs --tflops 20                # also the README cost table (markdown)
+    python benchmarks/memory_plan.py --no-search                        # fits? only: half the time
 """
 
 from __future__ import annotations
@@ -128,8 +129,9 @@ def _planner(phase: str, build: Callable[[], torch.nn.Module], shape: tuple[int,
     return mp.plan_fid_features
 
 
-def plan_run(study: Study, run: Run, budget: int, cache: dict[str, Any]) -> list[PhaseRow]:
-    """The rows of one run: every phase at its size and at twice it (for the largest fitting size)."""
+def plan_run(study: Study, run: Run, budget: int, cache: dict[str, Any], search: bool = True) -> list[PhaseRow]:
+    """The rows of one run: every phase at its size and, with ``search``, at twice it (for the largest
+    fitting size and the FLOP totals; without, ``largest`` is 0 and totals are per call)."""
     config = study.model_config(run)
     family = study.family(run.family)
     build = functools.partial(family.build, config, run.model)
@@ -146,12 +148,13 @@ def plan_run(study: Study, run: Run, budget: int, cache: dict[str, Any]) -> list
         if phase == "fid_features" and key in cache:  # the same Inception for every run
             a, b = cache[key]
         else:
-            a, b = planner(size), planner(2 * size)
+            a = planner(size)
+            b = planner(2 * size) if search else None
             if phase == "fid_features":
                 cache[key] = (a, b)
         rows.append(PhaseRow(run.dataset, run.model, phase, size, a.peak_bytes / mp.GIB, a.planned_gib,
-                             a.fits(budget), mp.largest_fitting_size(a, b, budget), float(a.flops),
-                             _total_flops(run, phase, sizes, a, b, cache)))
+                             a.fits(budget), mp.largest_fitting_size(a, b, budget) if b else 0, float(a.flops),
+                             _total_flops(run, phase, sizes, a, b, cache) if b else float(a.flops)))
     return rows
 
 
@@ -243,6 +246,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--costs", action="store_true", help="also print the README cost table (markdown)")
     parser.add_argument("--tflops", type=float, default=ASSUMED_TFLOPS,
                         help=f"sustained TFLOP/s per GPU assumed by --costs (default {ASSUMED_TFLOPS:g})")
+    parser.add_argument("--no-search", dest="search", action="store_false",
+                        help="plan each phase at its size only (half the time; no largest fit, FLOP totals per call)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.gpu_memory <= 0:
@@ -260,9 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache: dict[str, Any] = {}
     for run in paper_runs(study, args.configs):
         print(f"planning {run.family}/{run.dataset}/{run.model} ...", file=sys.stderr, flush=True)
-        rows += plan_run(study, run, budget, cache)
+        rows += plan_run(study, run, budget, cache, search=args.search)
     print(format_table(rows, args.gpu_memory, time.perf_counter() - start))
-    if args.costs:
+    if args.costs and args.search:
         print()
         print(cost_table(study, rows, args.tflops))
     if args.json:
