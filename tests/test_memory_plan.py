@@ -8,7 +8,6 @@ by storage), (c) the flop counter's own formula for the in-place GEMM it misses.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from pathlib import Path
