@@ -9,10 +9,12 @@ batch, an Inception feature batch), that a checkpoint resumes, and what the whol
 What, per (family, dataset, model) of the study (seeds share the cost), on synthetic uint8 images
 of the config's shape:
 
-* train: ``sdn.training.train`` with the run's ``TrainConfig`` (global batch, ``micro_batch_size``,
-  precision; the trainer accumulates batch / (GPUs x micro-batch) micro-batches per step) for
-  ``--warmup`` (>= 20: the fp16 GradScaler's first steps overflow) + ``--steps`` timed steps, then
-  one more step resumed from the checkpoint the first call wrote (``resume`` = it restarted there);
+* train: ``sdn.training.train`` with the run's ``TrainConfig`` (micro-batch, precision): ``--warmup``
+  (>= 20: the fp16 GradScaler's first steps overflow) optimizer steps of one micro-batch per GPU,
+  ending in a checkpoint; one step resumed from it (``resume`` = it restarted there); then
+  1 + ``--steps`` optimizer steps at the global batch, i.e. at the real accumulation of
+  batch / (GPUs x micro-batch) micro-batches per step, all but the first timed. (Warming up at the
+  full accumulation would cost 8 x more: all runs would not fit 10 minutes of one H100.)
 * validation: one ``sdn.scores.evaluate_bpd`` pass (K = 1) of two ``eval.batch_size`` batches;
 * IW chunk: one forward pass of ``eval.iw_chunk_size`` image x sample pairs (``evaluate_bpd``);
 * sampling: ``model.sample(samples.batch_size)`` (the FID sampling batch per GPU);
@@ -247,13 +249,6 @@ def _phase(memory: dict[str, float | None], name: str, device: torch.device) -> 
     memory[name] = _peak_gib(device)
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def smoke_run(study: Study, run: Run, device: torch.device, steps: int, warmup: int, tiny: bool) -> Row:
     """Every phase of ``run`` at its params sizes (module docstring); inside a process group."""
     config = study.model_config(run)
@@ -262,29 +257,34 @@ def smoke_run(study: Study, run: Run, device: torch.device, steps: int, warmup: 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = training.accumulation_steps(paper.batch_size, world, paper.micro_batch_size)
     micro_batch = paper.batch_size // (world * accumulation)
-    total = warmup + steps
-    smoke = dataclasses.replace(paper, steps=total, log_every=1,
-                                checkpoint_every=total, eval_every=None, keep_best=None, progress=False,
-                                device=device.type)
+    # Warm-up: ``warmup`` optimizer steps of one micro-batch per GPU (the run's micro-batch, shapes and
+    # precision: kernels, allocator and the fp16 scaler settle), ending in a checkpoint; one more step
+    # resumed from it; then 1 + ``steps`` steps at the real accumulation, all but the first timed.
+    warm = dataclasses.replace(paper, steps=warmup, batch_size=micro_batch * world, micro_batch_size=micro_batch,
+                               log_every=1, checkpoint_every=warmup, eval_every=None, keep_best=None,
+                               progress=False, device=device.type)
+    timed = dataclasses.replace(warm, steps=1 + steps, batch_size=paper.batch_size,
+                                micro_batch_size=paper.micro_batch_size, checkpoint_every=1 + steps)
     shape = image_shape(config)
     binary = getattr(config, "likelihood", "") == "bernoulli"
     memory: dict[str, float | None] = dict.fromkeys(PHASES)
     seed_everything(run.seed, deterministic=paper.deterministic)
     model = study.build_model(run)
     data = SyntheticImages(shape, 2 * paper.batch_size, binary)
-    timer = StepTimer(device, warmup)
-    with tempfile.TemporaryDirectory() as checkpoint_dir:
-        with _phase(memory, "train", device):
-            training.train(model, data, smoke, checkpoint_dir=checkpoint_dir, callbacks=[timer], resume=False)
-        _rank, world = _world()
-        info, metrics, times, skipped = dict(timer.info), dict(timer.metrics), list(timer.times), timer.skipped
-        del model
-        resumed_model = study.build_model(run)
-        result = training.train(resumed_model, data, dataclasses.replace(smoke, steps=total + 1),
+    warm_timer, timer = StepTimer(device, warmup), StepTimer(device, 1)
+    with _phase(memory, "train", device), tempfile.TemporaryDirectory() as checkpoint_dir:
+        training.train(model, data, warm, checkpoint_dir=checkpoint_dir, callbacks=[warm_timer], resume=False)
+        model = study.build_model(run)
+        result = training.train(model, data, dataclasses.replace(warm, steps=warmup + 1),
                                 checkpoint_dir=checkpoint_dir, resume=True)
-        resumed = result.start_step == total and result.steps == total + 1
-    eval_model = result.eval_model.eval()
-    del result, resumed_model
+        resumed = result.start_step == warmup and result.steps == warmup + 1
+        model = result.model
+        del result
+        training.train(model, data, timed, checkpoint_dir=None, callbacks=[timer], resume=False)
+    info, metrics, times = dict(timer.info), dict(timer.metrics), list(timer.times)
+    skipped = warm_timer.skipped + timer.skipped
+    eval_model = model.eval()
+    del model
     if run.family == "density":
         evaluation = study.section(run).eval
         with _phase(memory, "validation", device):
@@ -308,7 +308,7 @@ def smoke_run(study: Study, run: Run, device: torch.device, steps: int, warmup: 
             del inception
     step_s = statistics.median(times)
     return Row(
-        config=run.dataset, family=run.family, model=run.model, precision=smoke.precision, world_size=world,
+        config=run.dataset, family=run.family, model=run.model, precision=paper.precision, world_size=world,
         micro_batch=micro_batch, accumulation=accumulation, global_batch=paper.batch_size,
         params=info["num_parameters"], step_s=step_s,
         images_per_s=paper.batch_size / world / step_s, fp16_skipped=int(skipped), memory_gib=memory,
@@ -341,7 +341,8 @@ def format_table(rows: Sequence[Row], device: torch.device, tiny: bool, warmup: 
     memory = ("max reserved CUDA memory per phase" if device.type == "cuda"
               else "peak RSS of this process (monotone over runs and phases)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    caption = [f"Paper smoke on {name} ({device}): {warmup} warm-up + {steps} timed optimizer steps per run, "
+    caption = [f"Paper smoke on {name} ({device}): {warmup} warm-up steps (one micro-batch) + {steps} timed optimizer "
+               f"steps (global batch, real accumulation) per run, "
                f"median step; GiB = {memory}.",
                "GPU-h = run steps x median step time x GPUs: one seed of the run, at this GPU count."]
     if tiny:
@@ -379,9 +380,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="the study (default: params-paper.yaml)")
     parser.add_argument("--configs", nargs="+", default=None, metavar="DATASET",
                         help="only these datasets of the study (e.g. cifar10 shapes3d); default: all")
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run (at the global batch)")
     parser.add_argument("--warmup", type=int, default=MIN_WARMUP,
-                        help=f"untimed optimizer steps before them (>= {MIN_WARMUP} at full size)")
+                        help=f"untimed optimizer steps of one micro-batch before them (>= {MIN_WARMUP} at full size)")
     parser.add_argument("--gpus", type=int, default=None,
                         help="GPUs to use (default: all visible; >1 relaunches under torch.distributed.run)")
     parser.add_argument("--threads", type=int, default=None,
