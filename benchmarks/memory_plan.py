@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.study import Run, Study, load_study  # noqa: E402
 from sdn import memory_plan as mp  # noqa: E402
+from sdn.models.hvae import HierarchicalVAE  # noqa: E402
 
 DEFAULT_PARAMS = ROOT / "params-paper.yaml"
 DEFAULT_IW_CHUNK = 256  # sdn.scores.evaluate_bpd's chunk_size default (eval.iw_chunk_size absent)
@@ -123,7 +124,7 @@ def _planner(phase: str, build: Callable[[], torch.nn.Module], shape: tuple[int,
     if phase == "validation":
         return lambda n: mp.plan_validation(build, shape, n, during_training=True, ema=sizes.ema)
     if phase == "iw_chunk":
-        return lambda n: mp.plan_iw_chunk(build, shape, n, sizes.iw_samples)
+        return lambda n: mp.plan_iw_chunk(build, shape, n, sizes.iw_samples, batch=sizes.validation)
     if phase == "sampling":
         return lambda n: mp.plan_sampling(build, n)
     return mp.plan_fid_features
@@ -154,24 +155,23 @@ def plan_run(study: Study, run: Run, budget: int, cache: dict[str, Any], search:
                 cache[key] = (a, b)
         rows.append(PhaseRow(run.dataset, run.model, phase, size, a.peak_bytes / mp.GIB, a.planned_gib,
                              a.fits(budget), mp.largest_fitting_size(a, b, budget) if b else 0, float(a.flops),
-                             _total_flops(run, phase, sizes, a, b, cache) if b else float(a.flops)))
+                             _total_flops(run, phase, sizes, a, b) if b else float(a.flops)))
     return rows
 
 
-def _total_flops(run: Run, phase: str, sizes: RunSizes, a: mp.PhasePlan, b: mp.PhasePlan,
-                 cache: dict[str, Any]) -> float:
+def _total_flops(run: Run, phase: str, sizes: RunSizes, a: mp.PhasePlan, b: mp.PhasePlan) -> float:
     """The FLOPs of the whole phase (module docstring); per call where no total is meaningful."""
     if phase == "train":  # forward+backward is linear in the batch: the global batch's step
         return a.flops * sizes.global_batch / sizes.micro_batch
-    if phase == "iw_chunk":
-        images_a, samples_a = mp.iw_chunk_split(a.size, sizes.iw_samples)
-        images_b, samples_b = mp.iw_chunk_split(b.size, sizes.iw_samples)
-        if images_a == images_b == 1:  # f = up + samples x down, for one image
-            down = (b.flops - a.flops) / (samples_b - samples_a)
-            up = a.flops - samples_a * down
-        else:  # both whole images: per image = flops / images
-            down, up = (a.flops / images_a) / sizes.iw_samples, 0.0
-        cache[f"iw_per_image:{run.dataset}/{run.model}"] = up + sizes.iw_samples * down
+    if phase == "iw_chunk":  # flops = images x up + pairs x down, from the two chunk plans
+        features = hasattr(HierarchicalVAE, "posterior_features")
+        images_a, pairs_a = mp.iw_pass(a.size, sizes.iw_samples, sizes.validation, features)
+        images_b, pairs_b = mp.iw_pass(b.size, sizes.iw_samples, sizes.validation, features)
+        if pairs_a != pairs_b and images_a == images_b:
+            down = (b.flops - a.flops) / (pairs_b - pairs_a)
+            up = (a.flops - pairs_a * down) / images_a
+        else:  # whole images in both: no split of the encoder's share
+            down, up = a.flops / pairs_a, 0.0
         return TEST_IMAGES[run.dataset] * (up + sizes.iw_samples * down)
     if phase == "sampling" and sizes.fid_samples:
         return a.flops / a.size * sizes.fid_samples

@@ -16,7 +16,8 @@ of the config's shape:
   batch / (GPUs x micro-batch) micro-batches per step, all but the first timed. (Warming up at the
   full accumulation would cost 8 x more: all runs would not fit 10 minutes of one H100.)
 * validation: one ``sdn.scores.evaluate_bpd`` pass (K = 1) of two ``eval.batch_size`` batches;
-* IW chunk: one forward pass of ``eval.iw_chunk_size`` image x sample pairs (``evaluate_bpd``);
+* IW chunk: one ``eval.batch_size`` batch with as many samples per image as make one chunk of
+  ``eval.iw_chunk_size`` image x sample pairs (``evaluate_bpd``);
 * sampling: ``model.sample(samples.batch_size)`` (the FID sampling batch per GPU);
 * FID features: torch-fidelity's Inception-v3 (untrained weights: only time and memory matter) on
   ``fid.batch_size`` images.
@@ -69,7 +70,7 @@ from pipelines.study import Run, Study, load_study, validate  # noqa: E402
 from sdn import training  # noqa: E402
 from sdn.callbacks import Callback  # noqa: E402
 from sdn.distributed import resolve_device  # noqa: E402
-from sdn.memory_plan import build_fid_inception, image_shape, iw_chunk_split  # noqa: E402
+from sdn.memory_plan import build_fid_inception, image_shape  # noqa: E402
 from sdn.models.hvae import PRESETS as HVAE_PRESETS  # noqa: E402
 from sdn.scores import evaluate_bpd  # noqa: E402
 from sdn.seeding import seed_everything  # noqa: E402
@@ -292,7 +293,8 @@ def smoke_run(study: Study, run: Run, device: torch.device, steps: int, warmup: 
             evaluate_bpd(eval_model, validation, batch_size=sizes.validation, num_samples=1,
                          chunk_size=sizes.iw_chunk, seed=0, device=device, progress=False)
         with _phase(memory, "iw_chunk", device):
-            images, samples = iw_chunk_split(sizes.iw_chunk, evaluation.iw_samples)
+            # one evaluation batch whose image x sample pairs make one chunk (its features stay alive)
+            images, samples = sizes.validation, max(1, min(evaluation.iw_samples, sizes.iw_chunk // sizes.validation))
             chunk = SyntheticImages(shape, images * world, binary, seed=2)
             evaluate_bpd(eval_model, chunk, batch_size=images, num_samples=samples, chunk_size=sizes.iw_chunk,
                          seed=0, device=device, progress=False)

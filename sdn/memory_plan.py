@@ -272,22 +272,36 @@ def iw_chunk_split(chunk_size: int, num_samples: int) -> tuple[int, int]:
     return chunk_size // num_samples, num_samples
 
 
-def plan_iw_chunk(build: ModelBuilder, image_shape: tuple[int, int, int], chunk_size: int,
-                  num_samples: int) -> PhasePlan:
-    """One importance-weighted pass of ``chunk_size`` pairs: the bottom-up pass on its images (once per
-    image), the top-down pass on every image x sample pair (``log_weights``)."""
+def iw_pass(chunk_size: int, num_samples: int, batch: int | None, features: bool) -> tuple[int, int]:
+    """(images through the bottom-up pass, image x sample pairs through the top-down pass) of one IW chunk.
+
+    With ``features`` (a model with ``posterior_features``, as ``sdn.scores`` uses it) the bottom-up
+    features of the whole evaluation ``batch`` stay alive while its chunks of ``chunk_size`` pairs run;
+    otherwise ``log_weights`` runs on the images of one chunk (:func:`iw_chunk_split`).
+    """
+    if features and batch:
+        return batch, min(chunk_size, batch * num_samples)
     images, samples = iw_chunk_split(chunk_size, num_samples)
-    return _plan_no_grad("iw_chunk", chunk_size, build,
-                         lambda m: m.log_weights(_meta_images(images, image_shape), samples))
+    return images, images * samples
 
 
-def iw_flops_per_image(build: ModelBuilder, image_shape: tuple[int, int, int], num_samples: int) -> int:
-    """FLOPs of the IW bound of one image with ``num_samples`` samples: one bottom-up pass plus
-    ``num_samples`` top-down passes, from two planned calls (1 and 2 samples) by linearity."""
-    one = _plan_no_grad("iw", 1, build, lambda m: m.log_weights(_meta_images(1, image_shape), 1)).flops
-    two = _plan_no_grad("iw", 2, build, lambda m: m.log_weights(_meta_images(1, image_shape), 2)).flops
-    per_sample = two - one
-    return (one - per_sample) + num_samples * per_sample
+def plan_iw_chunk(build: ModelBuilder, image_shape: tuple[int, int, int], chunk_size: int,
+                  num_samples: int, batch: int | None = None) -> PhasePlan:
+    """One importance-weighted pass of ``chunk_size`` image x sample pairs: the bottom-up pass once per
+    image (of the evaluation ``batch`` when the model exposes ``posterior_features``), the top-down pass
+    on the chunk's pairs (:func:`iw_pass`)."""
+    def run(model: nn.Module) -> None:
+        features = hasattr(model, "posterior_features")
+        images, pairs = iw_pass(chunk_size, num_samples, batch, features)
+        if features and batch:
+            encoded = model.posterior_features(_meta_images(images, image_shape))
+            rows = torch.arange(pairs, device="meta") // num_samples
+            noise = torch.zeros((pairs, model.posterior_noise_size), device="meta")
+            model.log_weights_from_features(encoded, rows, noise)
+        else:
+            model.log_weights(_meta_images(images, image_shape), pairs // images)
+
+    return _plan_no_grad("iw_chunk", chunk_size, build, run)
 
 
 def plan_sampling(build: ModelBuilder, num: int) -> PhasePlan:

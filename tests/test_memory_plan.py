@@ -8,6 +8,7 @@ by storage), (c) the flop counter's own formula for the in-place GEMM it misses.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,17 @@ def test_iw_chunk_split_covers_pairs() -> None:
     assert mp.iw_chunk_split(256, 1024) == (1, 256)
     assert mp.iw_chunk_split(1024, 1024) == (1, 1024)
     assert mp.iw_chunk_split(4096, 1024) == (4, 1024)
+    assert mp.iw_pass(1024, 1024, 128, features=True) == (128, 1024)  # the batch's features stay alive
+    assert mp.iw_pass(1024, 4, 128, features=True) == (128, 512)
+    assert mp.iw_pass(4096, 1024, 128, features=False) == (4, 4096)
+
+
+def test_iw_chunk_plan_runs_the_model_and_grows_with_the_chunk() -> None:
+    """A tiny HVAE's IW chunk is planned (whichever IW interface the model has); more pairs, more memory
+    and FLOPs."""
+    build = functools.partial(build_hvae, get_config("tiny"), "sdn")
+    small, large = (mp.plan_iw_chunk(build, (3, 8, 8), n, 8, batch=2) for n in (4, 16))
+    assert 0 < small.peak_bytes < large.peak_bytes and 0 < small.flops < large.flops
 
 
 @pytest.fixture(scope="module")
