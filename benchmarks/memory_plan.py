@@ -111,7 +111,7 @@ class PhaseRow:
     peak_gib: float
     planned_gib: float
     fits: bool
-    largest: int
+    largest: int | None  # None: not searched (--no-search)
     flops: float        # one call at ``size``
     total_flops: float  # see the module docstring
 
@@ -132,7 +132,7 @@ def _planner(phase: str, build: Callable[[], torch.nn.Module], shape: tuple[int,
 
 def plan_run(study: Study, run: Run, budget: int, cache: dict[str, Any], search: bool = True) -> list[PhaseRow]:
     """The rows of one run: every phase at its size and, with ``search``, at twice it (for the largest
-    fitting size and the FLOP totals; without, ``largest`` is 0 and totals are per call)."""
+    fitting size and the FLOP totals; without, ``largest`` is None and totals are per call)."""
     config = study.model_config(run)
     family = study.family(run.family)
     build = functools.partial(family.build, config, run.model)
@@ -154,7 +154,7 @@ def plan_run(study: Study, run: Run, budget: int, cache: dict[str, Any], search:
             if phase == "fid_features":
                 cache[key] = (a, b)
         rows.append(PhaseRow(run.dataset, run.model, phase, size, a.peak_bytes / mp.GIB, a.planned_gib,
-                             a.fits(budget), mp.largest_fitting_size(a, b, budget) if b else 0, float(a.flops),
+                             a.fits(budget), mp.largest_fitting_size(a, b, budget) if b else None, float(a.flops),
                              _total_flops(run, phase, sizes, a, b) if b else float(a.flops)))
     return rows
 
@@ -192,7 +192,7 @@ def format_table(rows: Sequence[PhaseRow], budget_gib: float, seconds: float) ->
     cells = [[h for h, _, _ in COLUMNS]]
     for row in rows:
         values = {**dataclasses.asdict(row), "flops": row.flops / 1e12, "total_flops": row.total_flops / 1e12,
-                  "fits": "yes" if row.fits else "NO"}
+                  "fits": "yes" if row.fits else "NO", "largest": "-" if row.largest is None else row.largest}
         cells.append([fmt.format(values[field]) for _, field, fmt in COLUMNS])
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))

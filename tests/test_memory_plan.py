@@ -195,3 +195,13 @@ def test_train_stage_preflight_names_the_key_and_the_figures() -> None:
         check_memory_plan(study, run, config, available_bytes=mp.GIB // 2)
     if not torch.cuda.is_available():
         assert check_memory_plan(study, run, config) is None
+
+
+def test_benchmark_exits_1_when_a_phase_exceeds_the_budget(capsys) -> None:
+    """benchmarks/memory_plan.py on the small 3DShapes runs: 0 within 80 GiB, 1 (and the offending
+    phase named) within 2 GiB, where the SDN VAE's training step (2.5 GiB planned) does not fit."""
+    from benchmarks.memory_plan import main
+
+    assert main(["--configs", "shapes3d", "--no-search"]) == 0
+    assert main(["--configs", "shapes3d", "--no-search", "--gpu-memory", "2"]) == 1
+    assert "DOES NOT FIT: shapes3d/sdn train at 128" in capsys.readouterr().err
