@@ -1,29 +1,41 @@
-"""GPU smoke test of the paper study: every run of ``params-paper.yaml`` built and stepped through the real trainer.
+"""GPU smoke of the paper study: every paper run, at its real per-GPU micro-batch and accumulation,
+through the real trainer, evaluation, sampling, FID features and a checkpoint/resume.
 
-Why: the paper study needs days of GPU time, so before launching it one wants to know, in minutes,
-that every paper config builds at full size, trains with the paper's precision and per-GPU batch
-under DistributedDataParallel without errors (unused parameters, fp16 overflows that never
-recover, missing deterministic kernels, out-of-memory), and what the whole study will cost.
+Why: the paper study needs days of GPU time; before launching it one wants to know, in minutes, that
+every paper config trains at its params' micro-batch and precision under DistributedDataParallel on
+the GPUs at hand, that every later phase fits (validation, an importance-weighted chunk, a sampling
+batch, an Inception feature batch), that a checkpoint resumes, and what the whole study will cost.
 
-What: for one run per (family, dataset, model) of the study (seeds share the cost), build the model
-with ``Study.build_model``, take the run's ``TrainConfig`` from ``Study.train_config`` (steps, global
-batch, precision), and call ``sdn.training.train`` for ``--warmup + --steps`` steps at the per-GPU
-batch on synthetic uint8 images of the config's shape, as a one-rank DDP job (env:// rendezvous on
-127.0.0.1; nccl on CUDA, gloo on CPU). A callback times the steps after the warm-up. One table
-row per run: median step time, images/s per GPU, peak memory, and the estimated GPU-hours of the
-full run, steps x (global batch / per-GPU batch) x median step time, i.e. total GPU time
-assuming perfect data-parallel scaling.
+What, per (family, dataset, model) of the study (seeds share the cost), on synthetic uint8 images
+of the config's shape:
 
-The torchrun environment of one rank makes ``sdn.distributed.setup_distributed`` start a process
-group and the trainer wrap the model in DistributedDataParallel (see :func:`one_rank_ddp`): the
-timed step includes DDP's gradient all-reduce hooks and the trainer's rank reductions, as on 8 GPUs.
+* train: ``sdn.training.train`` with the run's ``TrainConfig`` (micro-batch, precision): ``--warmup``
+  (>= 20: the fp16 GradScaler's first steps overflow) optimizer steps of one micro-batch per GPU,
+  ending in a checkpoint; one step resumed from it (``resume`` = it restarted there); then
+  1 + ``--steps`` optimizer steps at the global batch, i.e. at the real accumulation of
+  batch / (GPUs x micro-batch) micro-batches per step, all but the first timed. (Warming up at the
+  full accumulation would cost 8 x more: all runs would not fit 10 minutes of one H100.)
+* validation: one ``sdn.scores.evaluate_bpd`` pass (K = 1) of two ``eval.batch_size`` batches;
+* IW chunk: one ``eval.batch_size`` batch with as many samples per image as make one chunk of
+  ``eval.iw_chunk_size`` image x sample pairs (``evaluate_bpd``);
+* sampling: ``model.sample(samples.batch_size)`` (the FID sampling batch per GPU);
+* FID features: torch-fidelity's Inception-v3 (untrained weights: only time and memory matter) on
+  ``fid.batch_size`` images.
 
-On CPU (``--tiny``, the default there) the same code runs on tiny versions of every config (the
-architecture fields of ``sdn.models.hvae`` preset "tiny", a narrow SDN for the VAE, per-GPU batch 2); the test
-suite runs it (tests/test_paper_smoke.py). Its timings and estimates say nothing about the paper.
+Memory per phase is ``torch.cuda.max_memory_reserved`` (what the allocator holds, the figure that
+runs out), the cache emptied and the peak reset before each phase; ``fp16_skipped`` counts the
+skipped (overflowed) fp16 steps among all steps. GPU-hours = run steps x median step time x GPUs.
 
-    python benchmarks/paper_smoke.py --device cuda --json paper_smoke.json   # full size, on a GPU
-    python benchmarks/paper_smoke.py --device cpu                            # tiny configs, seconds
+With one GPU (or on CPU) the trainer runs as a one-rank DDP job (a torchrun-like environment); with
+more GPUs and no torchrun environment the script relaunches itself under
+``torch.distributed.run --standalone --nproc_per_node=<GPUs>``: every phase then runs on all ranks
+(evaluation and sampling shard), and rank 0 prints the table.
+
+On CPU (``--tiny``, the default there) the same code runs on tiny versions of every config
+(tests/test_paper_smoke.py); its timings and estimates say nothing about the paper.
+
+    python benchmarks/paper_smoke.py --device cuda --json paper_smoke.json   # full size: every GPU
+    python benchmarks/paper_smoke.py --device cpu                            # tiny configs
 """
 
 from __future__ import annotations
@@ -35,10 +47,12 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,29 +63,28 @@ from torch.utils.data import Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.memory_plan import paper_runs, run_sizes  # noqa: E402
 from benchmarks.train_step import _peak_rss_mib  # noqa: E402
 from pipelines.families import families  # noqa: E402
 from pipelines.study import Run, Study, load_study, validate  # noqa: E402
 from sdn import training  # noqa: E402
 from sdn.callbacks import Callback  # noqa: E402
 from sdn.distributed import resolve_device  # noqa: E402
+from sdn.memory_plan import build_fid_inception, image_shape  # noqa: E402
 from sdn.models.hvae import PRESETS as HVAE_PRESETS  # noqa: E402
-from sdn.models.vanilla_vae import IMAGE_SIZE as VAE_IMAGE_SIZE  # noqa: E402
+from sdn.scores import evaluate_bpd  # noqa: E402
 from sdn.seeding import seed_everything  # noqa: E402
 
 DEFAULT_PARAMS = ROOT / "params-paper.yaml"
-TINY_BATCH = 2  # per-GPU batch of the tiny configs
-# GPUs of the official runs: the density scripts trained data-parallel on 8 GPUs, the 3DShapes script
-# on one. A run's per-GPU batch is its (global) train batch_size over this count.
-OFFICIAL_GPUS = {"density": 8, "disentanglement": 1}
-# Architecture fields taken from the "tiny" density preset; the rest (channels, bits, SDN
-# directions) stays the paper config's.
+MIN_WARMUP = 20  # full size: the fp16 GradScaler starts at 2**16 and backs off over its first steps
+PHASES = ("train", "validation", "iw_chunk", "sampling", "fid_features")
+# Tiny configs: architecture fields of the "tiny" density preset (the rest stays the paper config's),
+# a narrow SDN for the VAE, and small sizes that still accumulate (2 micro-batches of 2 per step).
 TINY_DENSITY_FIELDS = ("image_size", "depth", "ds_list", "h_size", "z_size", "iaf_context", "sdn_max_scale",
                        "sdn_nfeat_0", "sdn_nfeat_diff", "mixtures")
-TINY_VAE = {"sdn_features": 8}  # the VAE's image size (64) and encoder are fixed; only the SDN narrows
-CAPTION = ("Estimated GPU-hours = run steps x (global batch / per-GPU batch) x median step time / 3600: "
-           "the total GPU time of one seed of the run, assuming perfect data-parallel scaling "
-           "(wall-clock hours on the official GPU count = GPU-hours / GPUs).")
+TINY_VAE = {"sdn_features": 8}
+TINY_MICRO, TINY_ACCUMULATION = 2, 2
+TINY_EVAL = {"batch_size": 2, "iw_samples": 8, "iw_chunk_size": 4}
 
 
 @dataclasses.dataclass
@@ -82,18 +95,21 @@ class Row:
     family: str
     model: str
     precision: str
-    per_gpu_batch: int
-    params: int
-    step_s: float  # median over the timed steps
-    images_per_s: float  # per GPU
-    peak_mib: float
-    memory: str  # "cuda" (max allocated) or "rss" (process peak resident set, monotone over runs)
-    steps: int  # of the full run
+    world_size: int
+    micro_batch: int
+    accumulation: int
     global_batch: int
-    official_gpus: int
+    params: int
+    step_s: float  # median over the timed optimizer steps
+    images_per_s: float  # per GPU
+    fp16_skipped: int  # over all steps, warm-up included
+    memory_gib: dict[str, float | None]  # per phase: max reserved CUDA memory (CPU: peak RSS of the process)
+    memory: str  # "cuda reserved" or "rss"
+    resumed: bool
+    steps: int  # of the full run
     gpu_hours: float
     timed_steps: int
-    world_size: int
+    warmup: int
     ddp: bool
     device: str
     tiny: bool
@@ -109,6 +125,7 @@ class StepTimer(Callback):
         self.info: dict[str, Any] = {}
         self.times: list[float] = []
         self.metrics: dict[str, float] = {}
+        self.skipped = 0  # fp16 steps skipped for a non-finite gradient or loss, warm-up included
         self._last = 0.0
 
     def _now(self) -> float:
@@ -124,6 +141,7 @@ class StepTimer(Callback):
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         """Record the time since the previous step, unless ``step`` is a warm-up step."""
         now = self._now()
+        self.skipped += int(metrics.get("fp16_skipped", 0))
         if step > self.warmup:
             self.times.append(now - self._last)
         self._last, self.metrics = now, dict(metrics)
@@ -142,33 +160,6 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index], torch.empty(0)
-
-
-def image_shape(config: Any) -> tuple[int, int, int]:
-    """(C, H, W) of a density (``HVAEConfig``) or VAE (``VAEConfig``, fixed 64x64) config."""
-    size = getattr(config, "image_size", VAE_IMAGE_SIZE)
-    return config.channels, size, size
-
-
-def tiny_study(study: Study) -> Study:
-    """The study with every model shrunk (per-model overrides, so they win) and per-GPU batch 2, validated."""
-    tiny = HVAE_PRESETS["tiny"]
-    shrink = {"density": {f: getattr(tiny, f) for f in TINY_DENSITY_FIELDS}, "disentanglement": dict(TINY_VAE)}
-    params = json.loads(json.dumps(study.params))  # a deep, plain copy
-    for family, fields in shrink.items():
-        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-        for dataset in study.datasets(family):
-            models = params[family][dataset]["models"]
-            for model in study.models(family):
-                models[model] = {**(models[model] or {}), **fields}
-            params[family][dataset]["train"]["batch_size"] = TINY_BATCH * OFFICIAL_GPUS[family]
-    return validate(params)
-
-
-def paper_runs(study: Study, configs: Sequence[str] | None = None) -> list[Run]:
-    """One run per (family, dataset, model), the first seed's, optionally only the ``configs`` datasets."""
-    first = study.seeds[0]
-    return [r for r in study.runs() if r.seed == first and (not configs or r.dataset in configs)]
 
 
 def free_port() -> int:
@@ -212,81 +203,150 @@ def one_rank_ddp() -> Iterator[None]:
                 dist.destroy_process_group()
 
 
+def tiny_study(study: Study) -> Study:
+    """The study with every model shrunk (per-model overrides, so they win), micro-batch 2 with 2
+    accumulation steps per GPU (density; the VAE: 1), and small evaluation sizes, validated."""
+    tiny = HVAE_PRESETS["tiny"]
+    shrink = {"density": {f: getattr(tiny, f) for f in TINY_DENSITY_FIELDS}, "disentanglement": dict(TINY_VAE)}
+    params = json.loads(json.dumps(study.params))  # a deep, plain copy
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for family, fields in shrink.items():
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+        accumulation = TINY_ACCUMULATION if family == "density" else 1
+        for dataset in study.datasets(family):
+            section = params[family][dataset]
+            for model in study.models(family):
+                section["models"][model] = {**(section["models"][model] or {}), **fields}
+            section["train"].update(batch_size=TINY_MICRO * accumulation * world, micro_batch_size=TINY_MICRO)
+            if family == "density":
+                section["eval"].update(TINY_EVAL)
+                section["samples"]["batch_size"] = TINY_MICRO
+    params["fid"]["batch_size"] = TINY_MICRO
+    return validate(params)
+
+
 def _reset_memory(device: torch.device) -> None:
-    """Free the previous run's memory and restart CUDA's peak counter."""
+    """Free the previous phase's memory and restart CUDA's peak counters."""
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_mib(device: torch.device) -> float:
-    """Peak allocated CUDA memory since the last reset, or the process's peak RSS on CPU (MiB)."""
+def _peak_gib(device: torch.device) -> float:
+    """Peak reserved CUDA memory since the last reset, or the process's peak RSS on CPU (GiB)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _peak_rss_mib()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return _peak_rss_mib() / 1024
 
 
-def per_gpu_batch(family: str, train_config: training.TrainConfig) -> int:
-    """The per-GPU batch of a run: its global train batch over the official GPU count."""
-    gpus = OFFICIAL_GPUS[family]
-    if train_config.batch_size % gpus:
-        raise ValueError(f"the {family} train batch_size {train_config.batch_size} is not a multiple of the "
-                         f"official {gpus} GPUs")
-    return train_config.batch_size // gpus
-
-
-def gpu_hours(steps: int, global_batch: int, per_gpu_batch: int, step_s: float) -> float:
-    """Total GPU time (hours) of ``steps`` steps at ``global_batch``, each GPU doing ``per_gpu_batch``
-    images in ``step_s`` seconds (perfect data-parallel scaling)."""
-    return steps * (global_batch / per_gpu_batch) * step_s / 3600
+@contextmanager
+def _phase(memory: dict[str, float | None], name: str, device: torch.device) -> Iterator[None]:
+    """Record the peak memory of the block as phase ``name``."""
+    _reset_memory(device)
+    yield
+    memory[name] = _peak_gib(device)
 
 
 def smoke_run(study: Study, run: Run, device: torch.device, steps: int, warmup: int, tiny: bool) -> Row:
-    """Build ``run``'s model and train it ``warmup + steps`` steps at its per-GPU batch under one-rank DDP."""
+    """Every phase of ``run`` at its params sizes (module docstring); inside a process group."""
     config = study.model_config(run)
     paper = study.train_config(run)
-    batch, total = per_gpu_batch(run.family, paper), warmup + steps
-    smoke = dataclasses.replace(paper, steps=total, batch_size=batch, log_every=1, checkpoint_every=total,
-                                eval_every=None, keep_best=None, progress=False, device=device.type)
-    _reset_memory(device)
+    sizes = run_sizes(study, run)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = training.accumulation_steps(paper.batch_size, world, paper.micro_batch_size)
+    micro_batch = paper.batch_size // (world * accumulation)
+    # Warm-up: ``warmup`` optimizer steps of one micro-batch per GPU (the run's micro-batch, shapes and
+    # precision: kernels, allocator and the fp16 scaler settle), ending in a checkpoint; one more step
+    # resumed from it; then 1 + ``steps`` steps at the real accumulation, all but the first timed.
+    warm = dataclasses.replace(paper, steps=warmup, batch_size=micro_batch * world, micro_batch_size=micro_batch,
+                               log_every=1, checkpoint_every=warmup, eval_every=None, keep_best=None,
+                               progress=False, device=device.type)
+    timed = dataclasses.replace(warm, steps=1 + steps, batch_size=paper.batch_size,
+                                micro_batch_size=paper.micro_batch_size, checkpoint_every=1 + steps)
+    shape = image_shape(config)
+    binary = getattr(config, "likelihood", "") == "bernoulli"
+    memory: dict[str, float | None] = dict.fromkeys(PHASES)
     seed_everything(run.seed, deterministic=paper.deterministic)
     model = study.build_model(run)
-    data = SyntheticImages(image_shape(config), batch * total, getattr(config, "likelihood", "") == "bernoulli")
-    timer = StepTimer(device, warmup)
-    with one_rank_ddp():
-        training.train(model, data, smoke, checkpoint_dir=None, callbacks=[timer], resume=False)
-    step_s = statistics.median(timer.times)
-    row = Row(
-        config=run.dataset, family=run.family, model=run.model, precision=smoke.precision, per_gpu_batch=batch,
-        params=timer.info["num_parameters"], step_s=step_s, images_per_s=batch / step_s, peak_mib=_peak_mib(device),
-        memory="cuda" if device.type == "cuda" else "rss", steps=paper.steps, global_batch=paper.batch_size,
-        official_gpus=OFFICIAL_GPUS[run.family],
-        gpu_hours=gpu_hours(paper.steps, paper.batch_size, batch, step_s), timed_steps=len(timer.times),
-        world_size=timer.info["world_size"], ddp=timer.info["distributed"],
-        device=str(device), tiny=tiny, loss=timer.metrics["loss"],
-    )
+    data = SyntheticImages(shape, 2 * paper.batch_size, binary)
+    warm_timer, timer = StepTimer(device, warmup), StepTimer(device, 1)
+    with _phase(memory, "train", device), tempfile.TemporaryDirectory() as checkpoint_dir:
+        training.train(model, data, warm, checkpoint_dir=checkpoint_dir, callbacks=[warm_timer], resume=False)
+        model = study.build_model(run)
+        result = training.train(model, data, dataclasses.replace(warm, steps=warmup + 1),
+                                checkpoint_dir=checkpoint_dir, resume=True)
+        resumed = result.start_step == warmup and result.steps == warmup + 1
+        model = result.model
+        del result
+        training.train(model, data, timed, checkpoint_dir=None, callbacks=[timer], resume=False)
+    info, metrics, times = dict(timer.info), dict(timer.metrics), list(timer.times)
+    skipped = warm_timer.skipped + timer.skipped
+    eval_model = model.eval()
     del model
-    return row
+    if run.family == "density":
+        evaluation = study.section(run).eval
+        with _phase(memory, "validation", device):
+            validation = SyntheticImages(shape, 2 * sizes.validation * world, binary, seed=1)
+            evaluate_bpd(eval_model, validation, batch_size=sizes.validation, num_samples=1,
+                         chunk_size=sizes.iw_chunk, seed=0, device=device, progress=False)
+        with _phase(memory, "iw_chunk", device):
+            # one evaluation batch whose image x sample pairs make one chunk (its features stay alive)
+            images, samples = sizes.validation, max(1, min(evaluation.iw_samples, sizes.iw_chunk // sizes.validation))
+            chunk = SyntheticImages(shape, images * world, binary, seed=2)
+            evaluate_bpd(eval_model, chunk, batch_size=images, num_samples=samples, chunk_size=sizes.iw_chunk,
+                         seed=0, device=device, progress=False)
+    with _phase(memory, "sampling", device), torch.no_grad():
+        eval_model.sample(sizes.sampling)
+    del eval_model
+    if sizes.fid_features:
+        with _phase(memory, "fid_features", device), torch.no_grad(), \
+                (torch.device(device) if device.type == "cuda" else nullcontext()):
+            inception = build_fid_inception().to(device)
+            inception(torch.randint(0, 256, (sizes.fid_features, 3, shape[1], shape[2]), dtype=torch.uint8,
+                                    device=device))
+            del inception
+    step_s = statistics.median(times)
+    return Row(
+        config=run.dataset, family=run.family, model=run.model, precision=paper.precision, world_size=world,
+        micro_batch=micro_batch, accumulation=accumulation, global_batch=paper.batch_size,
+        params=info["num_parameters"], step_s=step_s,
+        images_per_s=paper.batch_size / world / step_s, fp16_skipped=int(skipped), memory_gib=memory,
+        memory="cuda reserved" if device.type == "cuda" else "rss", resumed=resumed, steps=paper.steps,
+        gpu_hours=paper.steps * step_s * world / 3600, timed_steps=len(times), warmup=warmup,
+        ddp=info["distributed"], device=str(device), tiny=tiny, loss=metrics["loss"],
+    )
 
 
-COLUMNS = (  # header, Row field, format
-    ("config", "config", "{}"), ("model", "model", "{}"), ("prec", "precision", "{}"),
-    ("batch/GPU", "per_gpu_batch", "{}"), ("params", "params", "{:,}"), ("step s", "step_s", "{:.4f}"),
-    ("img/s/GPU", "images_per_s", "{:.1f}"), ("peak MiB", "peak_mib", "{:.0f}"), ("run steps", "steps", "{:,}"),
-    ("global batch", "global_batch", "{}"), ("GPUs", "official_gpus", "{}"), ("GPU-h", "gpu_hours", "{:.1f}"),
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+COLUMNS = (  # header, function of the row
+    ("config", lambda r: r.config), ("model", lambda r: r.model), ("prec", lambda r: r.precision),
+    ("GPUs", lambda r: str(r.world_size)), ("micro", lambda r: str(r.micro_batch)),
+    ("accum", lambda r: str(r.accumulation)), ("step s", lambda r: f"{r.step_s:.3f}"),
+    ("img/s/GPU", lambda r: f"{r.images_per_s:.1f}"), ("fp16 skipped", lambda r: str(r.fp16_skipped)),
+    *((f"{p} GiB", (lambda p: lambda r: _gib(r.memory_gib[p]))(p)) for p in PHASES),
+    ("resume", lambda r: "ok" if r.resumed else "FAILED"), ("GPU-h", lambda r: f"{r.gpu_hours:,.0f}"),
 )
 
 
-def format_table(rows: Sequence[Row], device: torch.device, tiny: bool) -> str:
-    """The results as an aligned text table under a caption."""
-    cells = [[header for header, _, _ in COLUMNS]]
-    cells += [[fmt.format(getattr(row, field)) for _, field, fmt in COLUMNS] for row in rows]
+def format_table(rows: Sequence[Row], device: torch.device, tiny: bool, warmup: int, steps: int) -> str:
+    """The results as one aligned text table under a caption."""
+    cells = [[header for header, _ in COLUMNS]] + [[cell(row) for _, cell in COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in cells]
-    memory = "max allocated CUDA memory" if device.type == "cuda" else "peak RSS of this process (monotone over runs)"
-    caption = [f"Paper smoke on {device}: one-rank DDP, median of the timed steps; peak MiB = {memory}.", CAPTION]
+    memory = ("max reserved CUDA memory per phase" if device.type == "cuda"
+              else "peak RSS of this process (monotone over runs and phases)")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    caption = [f"Paper smoke on {name} ({device}): {warmup} warm-up steps (one micro-batch) + {steps} timed optimizer "
+               f"steps (global batch, real accumulation) per run, "
+               f"median step; GiB = {memory}.",
+               "GPU-h = run steps x median step time x GPUs: one seed of the run, at this GPU count."]
     if tiny:
         caption.append("TINY configs: their timings and estimates say nothing about the paper runs.")
     return "\n".join([*caption, lines[0], "-" * len(lines[0]), *lines[1:]])
@@ -294,19 +354,22 @@ def format_table(rows: Sequence[Row], device: torch.device, tiny: bool) -> str:
 
 def run_all(study: Study, runs: Sequence[Run], device: torch.device, steps: int, warmup: int,
             tiny: bool) -> tuple[list[Row], list[dict[str, str]]]:
-    """Smoke every run with a progress line each; a failing run is recorded and the others still run."""
+    """Smoke every run with a progress line each (rank 0); a failing run is recorded, the others still run."""
     rows: list[Row] = []
     failed: list[dict[str, str]] = []
+    rank = int(os.environ.get("RANK", "0"))
     for index, run in enumerate(runs, 1):
         name = f"[{index}/{len(runs)}] {run.dataset}/{run.model}"
-        print(f"{name} ...", file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f"{name} ...", file=sys.stderr, flush=True)
         try:
             rows.append(smoke_run(study, run, device, steps, warmup, tiny))
         except Exception as error:  # report every run, then fail at the end
             failed.append({"config": run.dataset, "model": run.model, "error": f"{type(error).__name__}: {error}"})
-            print(f"{name} FAILED: {failed[-1]['error']}", file=sys.stderr, flush=True)
+            print(f"{name} FAILED (rank {rank}): {failed[-1]['error']}", file=sys.stderr, flush=True)
         else:
-            print(f"{name}: {rows[-1].step_s:.4f} s/step, {rows[-1].peak_mib:.0f} MiB", file=sys.stderr, flush=True)
+            if rank == 0:
+                print(f"{name}: {rows[-1].step_s:.3f} s/step", file=sys.stderr, flush=True)
     return rows, failed
 
 
@@ -319,26 +382,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="the study (default: params-paper.yaml)")
     parser.add_argument("--configs", nargs="+", default=None, metavar="DATASET",
                         help="only these datasets of the study (e.g. cifar10 shapes3d); default: all")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run (at the global batch)")
+    parser.add_argument("--warmup", type=int, default=MIN_WARMUP,
+                        help=f"untimed optimizer steps of one micro-batch before them (>= {MIN_WARMUP} at full size)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs to use (default: all visible; >1 relaunches under torch.distributed.run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for tiny CPU runs, else torch's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.tiny is False and args.warmup < MIN_WARMUP:
+        parser.error(f"--warmup must be >= {MIN_WARMUP} at full size (the fp16 scaler's first steps overflow)")
     return args
 
 
+def relaunch_on_all_gpus(argv: Sequence[str], gpus: int) -> int:
+    """Run this script under ``torch.distributed.run`` with one rank per GPU; its exit status."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               str(Path(__file__).resolve()), *argv]
+    print(f"paper_smoke: {gpus} GPUs, relaunching: {' '.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the smoke; 0 if every run trained, 1 if some failed, 2 if the device is unusable."""
+    """Run the smoke; 0 if every run passed, 1 if some failed, 2 if the device is unusable."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"paper_smoke: --device cuda, but CUDA is not available (torch {torch.__version__}, built for CUDA "
               f"{torch.version.cuda}); use --device cpu for the tiny configs", file=sys.stderr)
         return 2
+    launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     device = resolve_device(args.device)
+    if device.type == "cuda" and not launched:
+        gpus = args.gpus or torch.cuda.device_count()
+        if gpus > 1:
+            return relaunch_on_all_gpus(argv, gpus)
+    if launched and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     tiny = device.type == "cpu" if args.tiny is None else args.tiny
+    if not tiny and args.warmup < MIN_WARMUP:
+        print(f"paper_smoke: --warmup must be >= {MIN_WARMUP} at full size", file=sys.stderr)
+        return 2
     if args.threads or (tiny and device.type == "cpu"):
         torch.set_num_threads(args.threads or 1)
     study = load_study(args.params)
@@ -347,13 +434,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paper_smoke: --configs {unknown} are not datasets of {args.params}", file=sys.stderr)
         return 2
     study = tiny_study(study) if tiny else study
-    rows, failed = run_all(study, paper_runs(study, args.configs), device, args.steps, args.warmup, tiny)
-    print(format_table(rows, device, tiny))
+    with nullcontext() if launched else one_rank_ddp():
+        rows, failed = run_all(study, paper_runs(study, args.configs), device, args.steps, args.warmup, tiny)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 1 if failed else 0
+    print(format_table(rows, device, tiny, args.warmup, args.steps))
     for failure in failed:
         print(f"FAILED {failure['config']}/{failure['model']}: {failure['error']}")
     if args.json:
-        payload = {"device": str(device), "tiny": tiny, "caption": CAPTION,
-                   "rows": [dataclasses.asdict(r) for r in rows], "failed": failed}
+        payload = {"device": str(device), "tiny": tiny, "rows": [dataclasses.asdict(r) for r in rows],
+                   "failed": failed}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 1 if failed else 0
 

@@ -11,6 +11,7 @@ it exports one, never in a collective of the trainer under a shorter watchdog.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pipelines.study import Run, RunPaths, Study, run_stage
+from sdn import memory_plan
 from sdn.callbacks import CurveWriter
 from sdn.checkpoint import has_checkpoint, remove_other_checkpoints, run_checkpoint_dir
 from sdn.data.augment import RandomHFlip
@@ -40,6 +42,36 @@ def sample_grids(paths, samples_cfg) -> list[tuple[float, Path]]:
         (t, paths.samples.with_name(f"{paths.samples.stem}_t{t:g}.png")) for t in extra]
 
 
+class MemoryPlanError(RuntimeError):
+    """The planned training step does not fit the GPU: raised before training starts."""
+
+
+def check_memory_plan(study: Study, run: Run, train_config, available_bytes: int | None = None,
+                      world_size: int | None = None) -> memory_plan.PhasePlan | None:
+    """Pre-flight: plan one training step at the per-GPU micro-batch (``sdn.memory_plan``, on meta) and
+    raise :class:`MemoryPlanError` naming ``<family>.<dataset>.train.micro_batch_size`` when the plan
+    exceeds ``available_bytes`` (default: the free memory of this rank's GPU). Skipped (None) on CPU."""
+    if available_bytes is None:
+        if train_config.device == "cpu" or not torch.cuda.is_available():
+            return None
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        available_bytes, _total = torch.cuda.mem_get_info(local_rank % torch.cuda.device_count())
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    micro = getattr(train_config, "micro_batch_size", None) or max(1, train_config.batch_size // world)
+    config = study.model_config(run)
+    build = functools.partial(study.family(run.family).build, config, run.model)
+    plan = memory_plan.plan_train_step(build, memory_plan.image_shape(config), micro, train_config.precision,
+                                       ema=train_config.ema_decay is not None, ddp=world > 1)
+    if not plan.fits(available_bytes):
+        raise MemoryPlanError(
+            f"{run.family}.{run.dataset}.train.micro_batch_size = {micro} ({run.model}, {train_config.precision}): "
+            f"the planned training step needs {plan.planned_gib:.1f} GiB per GPU (live-tensor peak "
+            f"{plan.peak_bytes / memory_plan.GIB:.1f} GiB + headroom), but {available_bytes / memory_plan.GIB:.1f} "
+            f"GiB are available; lower it (the global batch is kept by gradient accumulation) or use a larger GPU "
+            f"(benchmarks/memory_plan.py prints the sizes that fit)")
+    return plan
+
+
 def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     """Train (or resume, or just re-export a finished) ``run`` and write its outputs."""
     rank = int(os.environ.get("RANK", "0"))
@@ -47,6 +79,7 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     train_config = study.train_config(run)
     # Under torchrun, join the process group (the trainer reuses it) before rank 0 works alone.
     ctx = setup_distributed(train_config.device)
+    check_memory_plan(study, run, train_config, world_size=ctx.world_size)  # on a GPU: fail before training
     dataset = study.dataset(run.dataset, "train")
     if getattr(study.model_config(run), "hflip", False):
         dataset = RandomHFlip(dataset)

@@ -1,8 +1,10 @@
-"""benchmarks/paper_smoke.py on CPU: every paper run, tiny, through the real trainer under one-rank DDP.
+"""benchmarks/paper_smoke.py on CPU: every paper run, tiny, at micro-batch 2 with accumulation, through the
+real trainer under one-rank DDP, with every later phase (validation, IW chunk, sampling, FID features)
+and a checkpoint/resume.
 
 The GPU smoke of the paper study runs the same code at full size; here it must cover every run of
-params-paper.yaml with the study's precision, really use DistributedDataParallel, and report
-numbers that are consistent with each other (images/s and GPU-hours recomputed from the row).
+params-paper.yaml with the study's precision, really use DistributedDataParallel and accumulation,
+and report numbers that are consistent with each other (images/s and GPU-hours recomputed from the row).
 """
 
 from __future__ import annotations
@@ -64,23 +66,46 @@ def test_rows_use_the_study_precision_and_run_length(smoke: dict, study) -> None
         assert row["steps"] == paper.steps, row
 
 
-def test_trainer_ran_under_one_rank_ddp(smoke: dict) -> None:
-    """The trainer reported a world of one and wrapped the model in DistributedDataParallel."""
+def test_trainer_ran_under_one_rank_ddp_with_accumulation(smoke: dict) -> None:
+    """A world of one under DistributedDataParallel; density runs accumulate 2 micro-batches of 2,
+    the VAE (micro_batch_size null: batch / GPUs) one; the step counts are the command line's."""
     for row in smoke["rows"]:
         assert row["ddp"] is True and row["world_size"] == 1, row
-        assert row["timed_steps"] == 2 and row["per_gpu_batch"] == 2, row
+        assert row["timed_steps"] == 2 and row["warmup"] == 1 and row["micro_batch"] == 2, row
+        assert row["accumulation"] == (2 if row["family"] == "density" else 1), row
+        assert row["global_batch"] == row["micro_batch"] * row["accumulation"] * row["world_size"], row
         assert row["params"] > 0 and math.isfinite(row["loss"]), row
 
 
+def test_every_phase_ran_and_the_checkpoint_resumed(smoke: dict) -> None:
+    """Density runs measure all five phases, the VAE train and sampling; every run resumed its checkpoint;
+    fp16 skips are counted (at most every step) and fp32 runs skip none."""
+    for row in smoke["rows"]:
+        measured = {phase for phase, gib in row["memory_gib"].items() if gib is not None}
+        expected = set(paper_smoke.PHASES) if row["family"] == "density" else {"train", "sampling"}
+        assert measured == expected, row
+        assert all(gib > 0 for gib in row["memory_gib"].values() if gib is not None), row
+        assert row["resumed"] is True, row
+        assert 0 <= row["fp16_skipped"] <= row["warmup"] + 2 + row["timed_steps"], row  # + resumed + untimed first
+        if row["precision"] != "fp16":
+            assert row["fp16_skipped"] == 0, row
+
+
 def test_times_throughput_and_gpu_hours_are_consistent(smoke: dict) -> None:
-    """Positive finite step times; images/s and GPU-hours recomputed from the row's own fields."""
+    """Positive finite step times; images/s per GPU and GPU-hours recomputed from the row's own fields."""
     for row in smoke["rows"]:
         step_s = row["step_s"]
         assert math.isfinite(step_s) and step_s > 0, row
-        assert row["images_per_s"] == pytest.approx(row["per_gpu_batch"] / step_s)
-        hours = row["steps"] * row["global_batch"] / row["per_gpu_batch"] * step_s / 3600
-        assert row["gpu_hours"] == pytest.approx(hours)
-        assert row["peak_mib"] > 0 and row["memory"] == "rss"
+        assert row["images_per_s"] == pytest.approx(row["global_batch"] / row["world_size"] / step_s)
+        assert row["gpu_hours"] == pytest.approx(row["steps"] * step_s * row["world_size"] / 3600)
+        assert row["memory"] == "rss"
+
+
+def test_full_size_needs_twenty_warmup_steps() -> None:
+    """At full size fewer than 20 warm-up steps are refused before anything is built."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--no-tiny", "--warmup", "5"])
+    assert exit_info.value.code == 2
 
 
 def test_cuda_without_gpu_exits_2_with_a_message() -> None:
