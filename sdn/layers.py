@@ -93,7 +93,8 @@ def select_sweep(device: torch.device, implementation: str | None = None) -> Cal
     ``implementation`` (default: the ``SDN_SWEEP`` environment variable, else ``auto``): ``plain``
     is :func:`sdn.sweep.sweep_lines` (the reference, used on CPU); ``triton`` the persistent
     kernels (compiled on CUDA, interpreted on CPU — slow, for tests; one operator on the meta
-    device); ``auto`` picks ``triton`` on CUDA when Triton is importable, else ``plain``.
+    device); ``auto`` picks ``triton`` on CUDA when Triton is importable, else ``plain``. The meta
+    device counts as CUDA: it stands for the GPU a memory plan or launch count is made for.
     """
     choice = implementation or os.environ.get("SDN_SWEEP", "auto")
     if choice not in SWEEP_IMPLEMENTATIONS:
@@ -101,7 +102,7 @@ def select_sweep(device: torch.device, implementation: str | None = None) -> Cal
     if choice == "triton" and not TRITON_AVAILABLE:
         raise ValueError("SDN_SWEEP=triton needs the `triton` package, which is not importable")
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" and TRITON_AVAILABLE else "plain"
+        choice = "triton" if device.type in ("cuda", "meta") and TRITON_AVAILABLE else "plain"
     return triton_sweep_lines if choice == "triton" else sweep_lines
 
 

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from sdn.models.vanilla_vae import IMAGE_SIZE as VAE_IMAGE_SIZE
+from sdn.sweep_triton import TRITON_AVAILABLE
 
 GIB = 2**30
 HEADROOM_FRACTION = 0.15  # allocator block rounding + fragmentation: 15 % over the live-tensor peak
@@ -50,6 +51,21 @@ PHASES = ("train", "validation", "iw_chunk", "sampling", "fid_features")
 _aten = torch.ops.aten
 # In-place GEMMs the flop counter has no formula for (the SDN sweep accumulates with addmm_).
 _INPLACE_FLOPS = {_aten.addmm_: flop_registry[_aten.addmm], _aten.baddbmm_: flop_registry[_aten.baddbmm]}
+
+
+def _sweep_kernel_flops(lines: torch.Tensor, *args, **kwargs) -> int:
+    """GEMM FLOPs inside one fused sweep kernel (``sdn.sweep_triton``), forward or backward: each of the
+    S − 1 updated lines multiplies its (L·B, 3F) neighbour rows by the (3F, 3F) input weights, which
+    is what the plain sweep's addmm_ calls count (gate arithmetic left out, as for the plain path)."""
+    num_lines, length, batch, feat = lines.shape
+    return 2 * max(num_lines - 1, 0) * length * batch * (3 * feat) * (3 * feat)
+
+
+def _custom_op_flops() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas of the project's fused operators (one opaque op each on the meta device)."""
+    if not TRITON_AVAILABLE:
+        return {}
+    return {torch.ops.sdn.sweep_forward: _sweep_kernel_flops, torch.ops.sdn.sweep_backward: _sweep_kernel_flops}
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -65,6 +81,7 @@ class MemoryTracker(TorchDispatchMode):
         self.peak = 0
         self.flops = 0
         self.ops = 0
+        self._custom_flops = _custom_op_flops()
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key)
@@ -92,6 +109,8 @@ class MemoryTracker(TorchDispatchMode):
         formula = flop_registry.get(packet) or _INPLACE_FLOPS.get(packet)
         if formula is not None:
             self.flops += int(formula(*args, **kwargs, out_val=out))
+        elif packet in self._custom_flops:
+            self.flops += int(self._custom_flops[packet](*args, **kwargs))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._track(leaf)
