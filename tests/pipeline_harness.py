@@ -152,6 +152,27 @@ def built_workspace(tmp_root: Path) -> tuple[Path, str]:
     return _BUILT["workspace"]
 
 
+# What a clone of the study keeps out of git (the repository's .gitignore, run state).
+RUN_STATE_IGNORED = "mlflow.db\nmlflow.db-*\nmlartifacts/\n/.dvc/site/\n"
+
+
+def git(workspace: Path, *args: str) -> str:
+    """``git <args>`` in ``workspace`` as a test user; its stdout."""
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+                          cwd=workspace, check=True, capture_output=True, text=True).stdout
+
+
+def committed_copy(built: Path, dest: Path) -> Path:
+    """A copy of a built workspace at ``dest`` with everything committed (run state ignored), so that
+    `git status` and `dvc status` are clean there."""
+    shutil.copytree(built, dest, symlinks=True)
+    (dest / ".gitignore").write_text(RUN_STATE_IGNORED)
+    dvc(dest, "config", "core.site_cache_dir", str(dest / ".dvc" / "site"))
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "tiny study")
+    return dest
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket() as sock:
