@@ -87,8 +87,9 @@ def env(workspace: Path) -> dict[str, str]:
     return out
 
 
-def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "dvc"), *args], cwd=workspace, env=env(workspace),
+def dvc(workspace: Path, *args: str, check: bool = True,
+        extra_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=workspace, env={**env(workspace), **(extra_env or {})},
                             capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -181,14 +182,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(root: Path, log: Path, env: Mapping[str, str]) -> Iterator[str]:
-    """`mlflow server` on ``root``'s store, started in ``root`` as `make ui` does; yields its base URL
-    and stops the server's whole process group afterwards."""
+def mlflow_server(root: Path, log: Path, env: Mapping[str, str], backend: str | None = None) -> Iterator[str]:
+    """`mlflow server` on ``root``'s store (or the ``backend`` store URI, e.g. a PostgreSQL database,
+    with artifacts under ``root/mlartifacts``), started in ``root`` as `make ui` does; yields its
+    base URL and stops the server's whole process group afterwards."""
     port = free_port()
+    store = ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"] if backend is None else [
+        "--backend-store-uri", backend, "--artifacts-destination", str(root / "mlartifacts")]
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            [str(BIN / "mlflow"), "server", *store, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=root, env=dict(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         base = f"http://127.0.0.1:{port}"
