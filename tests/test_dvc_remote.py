@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 import pipeline_harness as harness
 
@@ -28,6 +29,14 @@ def _tracked_files(ws: Path) -> dict[str, bytes]:
 def _object(remote: Path, file: Path) -> Path:
     """The remote's object of one file (DVC 3 layout: files/md5/<2>/<30>)."""
     digest = hashlib.md5(file.read_bytes()).hexdigest()
+    return remote / "files" / "md5" / digest[:2] / digest[2:]
+
+
+def _dir_object(ws: Path, remote: Path, output: str) -> Path:
+    """The remote's ``.dir`` object (the listing) of a folder output, from dvc.lock."""
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    digest = next(out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
+                  if out["path"] == output)
     return remote / "files" / "md5" / digest[:2] / digest[2:]
 
 
@@ -72,7 +81,8 @@ def test_missing_or_corrupt_remote_object_is_named_and_costs_nothing_locally(pus
     before = _tracked_files(b)
     missing = _object(remote, a / SAMPLE)
     corrupt = _object(remote, a / "results/embedded/models/patches32/sdn/seed0/eval_weights.pt")
-    saved = {missing: missing.read_bytes(), corrupt: corrupt.read_bytes()}
+    listings = [_dir_object(a, remote, f"results/embedded/{f}/patches32/sdn") for f in ("samples", "models")]
+    saved = {path: path.read_bytes() for path in (missing, corrupt, *listings)}
     try:
         missing.unlink()
         corrupt.write_bytes(b"not the weights")
@@ -94,8 +104,11 @@ def test_missing_or_corrupt_remote_object_is_named_and_costs_nothing_locally(pus
         print(message.strip().splitlines()[-4:])
         assert pulled.returncode != 0 and "results/embedded/models/patches32/sdn" in message
         assert not (c / "results/embedded/models/patches32/sdn/seed0/eval_weights.pt").exists()
-        # Repair: the corrupt object is removed from the remote and the owner pushes again.
+        # Repair: remove the bad objects and their folders' listings (`.dir`: with it DVC takes the
+        # whole folder as present) from the remote, and the owner pushes again.
         corrupt.unlink()
+        for listing in listings:
+            listing.unlink()
         harness.dvc(a, "push")
         harness.dvc(c, "pull")
         assert _tracked_files(c) == before
