@@ -209,7 +209,10 @@ def mlflow_server(root: Path, log: Path, env: Mapping[str, str], backend: str | 
                 time.sleep(0.5)
             yield base
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:  # the server had already exited (its log says why)
+                pass
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -41,7 +41,8 @@ def test_parallel_queue_logs_its_own_numbers_into_a_postgres_backed_server(tmp_p
     dsn = os.environ[DSN_ENV]
     name = f"mlflow_{uuid.uuid4().hex[:10]}"
     _database(dsn, f"CREATE DATABASE {name}")
-    backend = dsn.rsplit("/", 1)[0] + "/" + name
+    # MLflow's server reads postgresql:// with psycopg (3); name the pinned driver, psycopg2.
+    backend = dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1) + "/" + name
     server_root = tmp_path / "server"
     server_root.mkdir()
     try:
