@@ -246,8 +246,7 @@ def run_stage(description: str, module: str, run_one: Callable[[Study, Run, RunP
         check_store()  # a damaged or unreachable store is named before anything is touched
     except StoreError as error:
         raise SystemExit(f"error: {error}; nothing was run") from None
-    with protected_outputs(stage_dirs, [run.seed for run in runs], whole=args.seed is None,
-                           resumable=resumable) as out_dirs:
+    with protected_outputs(stage_dirs, whole=args.seed is None, resumable=resumable) as out_dirs:
         if len(runs) == 1 or study.runs_at_once == 1 or not side_by_side(study):
             if study.threads_per_run is not None:
                 import torch
@@ -336,8 +335,7 @@ def _restore_files(backup: Path, folder: Path) -> None:
 
 
 @contextmanager
-def protected_outputs(dirs: StageDirs, seeds: list[int], whole: bool,
-                      resumable: tuple[str, ...] = ()) -> Iterator[StageDirs]:
+def protected_outputs(dirs: StageDirs, whole: bool, resumable: tuple[str, ...] = ()) -> Iterator[StageDirs]:
     """The folders the stage's runs write to, such that a failing stage leaves its outputs as they were.
 
     Each output folder of :data:`STAGED_KINDS` is replaced by an empty staging folder beside it

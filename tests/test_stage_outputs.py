@@ -49,7 +49,7 @@ def test_a_failing_stage_leaves_every_output_as_it_was_but_the_checkpoint(stage)
     dirs, root = stage
     before = _tree(root)
     with pytest.raises(RuntimeError, match="boom"):
-        with protected_outputs(dirs, [0], whole=True, resumable=("models",)) as out:
+        with protected_outputs(dirs, whole=True, resumable=("models",)) as out:
             assert out.samples != dirs.samples and out.models == dirs.models and not any(out.samples.iterdir())
             _write_new(out, 0)
             raise RuntimeError("boom")
@@ -61,13 +61,13 @@ def test_a_failing_stage_leaves_every_output_as_it_was_but_the_checkpoint(stage)
 
 def test_a_whole_stage_replaces_its_folders_and_one_seed_adds_its_files(stage):
     dirs, root = stage
-    with protected_outputs(dirs, [0], whole=True, resumable=("models",)) as out:
+    with protected_outputs(dirs, whole=True, resumable=("models",)) as out:
         _write_new(out, 0)
     files = _tree(root)
     assert files["samples/d/m/seed0.png"] == b"new png" and "samples/d/m/seed5.png" not in files  # stale seed gone
     assert files["models/d/m/seed0/eval_weights.pt"] == b"new weights"
     assert not [p for p in root.rglob(".*") if p.name.startswith(".")]  # no staging, old or backup folder
-    with protected_outputs(dirs, [1], whole=False, resumable=("models",)) as out:
+    with protected_outputs(dirs, whole=False, resumable=("models",)) as out:
         _write_new(out, 1)
     files = _tree(root)
     assert files["samples/d/m/seed0.png"] == b"new png" and files["samples/d/m/seed1.png"] == b"new png"
@@ -84,7 +84,7 @@ def test_leftovers_of_a_killed_stage_are_undone(stage):
     backup.mkdir(parents=True)
     (backup / "eval_weights.pt").write_bytes(b"old weights")
     (dirs.models / "seed0/eval_weights.pt").write_bytes(b"half-written")
-    with protected_outputs(dirs, [0], whole=False, resumable=("models",)):
+    with protected_outputs(dirs, whole=False, resumable=("models",)):
         assert {k: v for k, v in _tree(root).items() if "/." not in k} == before
     assert _tree(root) == before
 
