@@ -11,19 +11,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from pipelines.families import Family, families
 from pipelines.runs import Run, RunPaths, StageDirs
 from pipelines.params import PRECISION_KEY, Params, StudyError, library_config, load_params, tuples
 from pipelines.params import validate as validate_params
 
-__all__ = ["Run", "RunPaths", "Study", "StudyError", "load_study", "validate", "run_stage", "run_side_by_side"]
+__all__ = ["Run", "RunPaths", "Study", "StudyError", "load_study", "validate", "run_stage", "run_side_by_side",
+           "protected_outputs", "STAGED_KINDS"]
+
+# The output folders of a per-model stage that are written to a staging folder and swapped in only
+# when every run of the stage succeeded (dvc.yaml marks them persist: DVC does not delete them first).
+STAGED_KINDS = ("samples", "train_metrics", "curves", "eval_metrics", "fid_metrics")
+# Set for the seed processes of a stage whose outputs the parent process stages: they write where told.
+STAGED_ENV = "SDN_OUTPUTS_STAGED"
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,7 @@ def load_study(path: str | Path = "params.yaml") -> Study:
 def run_stage(description: str, module: str, run_one: Callable[[Study, Run, RunPaths], None],
               argv: Optional[list[str]] = None, family: Optional[str] = None,
               side_by_side: Callable[[Study], bool] = lambda study: True,
-              dirs: tuple[str, ...] = ()) -> None:
+              dirs: tuple[str, ...] = (), resumable: tuple[str, ...] = ()) -> None:
     """The CLI of a per-model stage: ``--family --dataset --model [--seed] [--params] [--data]`` and
     one ``--<kind> DIR`` per directory kind in ``dirs`` (dvc.yaml passes its outs).
 
@@ -210,6 +219,11 @@ def run_stage(description: str, module: str, run_one: Callable[[Study, Run, RunP
     the other in this process (so a ``torchrun`` launcher spans every seed), as they also do when
     ``side_by_side(study)`` says the work is too small to pay for extra processes. A failed seed
     does not stop the others; the stage then fails naming it.
+
+    Before anything is touched the MLflow store is checked (``pipelines.tracking.check_store``): a
+    damaged or unreachable store stops the stage with one line naming it. The stage's outputs are
+    protected (:func:`protected_outputs`): a stage that fails, for any reason, leaves them as they
+    were. ``resumable`` names the persistent folders (the models) whose checkpoints a rerun resumes.
     """
     parser = argparse.ArgumentParser(description=description)
     if family is None:
@@ -226,28 +240,161 @@ def run_stage(description: str, module: str, run_one: Callable[[Study, Run, RunP
     stage_dirs = StageDirs(**{kind: getattr(args, kind) for kind in dirs})
     seeds = study.seeds if args.seed is None else [args.seed]
     runs = [study.find_run(family or args.family, args.dataset, args.model, seed) for seed in seeds]
-    if len(runs) == 1 or study.runs_at_once == 1 or not side_by_side(study):
-        if study.threads_per_run is not None:
-            import torch
+    from pipelines.tracking import StoreError, check_store, prepare_store
 
-            torch.set_num_threads(study.threads_per_run)
-        for run in runs:
-            run_one(study, run, RunPaths(stage_dirs, run.seed))
+    try:
+        check_store()  # a damaged or unreachable store is named before anything is touched
+    except StoreError as error:
+        raise SystemExit(f"error: {error}; nothing was run") from None
+    with protected_outputs(stage_dirs, whole=args.seed is None, resumable=resumable) as out_dirs:
+        if len(runs) == 1 or study.runs_at_once == 1 or not side_by_side(study):
+            if study.threads_per_run is not None:
+                import torch
+
+                torch.set_num_threads(study.threads_per_run)
+            for run in runs:
+                run_one(study, run, RunPaths(out_dirs, run.seed))
+            return
+        prepare_store()  # create (and migrate) the store once, before the runs race to do it
+        argv = _with_dirs(list(sys.argv[1:] if argv is None else argv), stage_dirs, out_dirs)
+        failed = run_side_by_side(
+            {run.seed: [sys.executable, "-m", module, *argv, "--seed", str(run.seed)] for run in runs},
+            study.runs_at_once, study.threads_per_run, extra_env={STAGED_ENV: "1"})
+        if failed:
+            raise SystemExit(f"{module} {args.dataset} {args.model}: seed(s) {failed} failed (see above); "
+                             f"the stage's previous outputs are kept")
+
+
+def _with_dirs(argv: list[str], before: StageDirs, after: StageDirs) -> list[str]:
+    """``argv`` with each ``--<kind> DIR`` of ``before`` pointing at ``after``'s folder instead."""
+    flags = {f"--{kind.replace('_', '-')}": getattr(after, kind) for kind in STAGED_KINDS
+             if getattr(before, kind) is not None and getattr(after, kind) != getattr(before, kind)}
+    out, i = [], 0
+    while i < len(argv):
+        flag, _, value = argv[i].partition("=")
+        if flag in flags and value:
+            out.append(f"{flag}={flags[flag]}")
+        elif flag in flags and i + 1 < len(argv):
+            out += [flag, str(flags[flag])]
+            i += 1
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def _sibling(folder: Path, what: str, pid: Optional[int] = None) -> Path:
+    return folder.parent / f".{folder.name}.{what}-{os.getpid() if pid is None else pid}"
+
+
+def _leftovers(folder: Path, what: str) -> list[Path]:
+    return sorted(folder.parent.glob(f".{folder.name}.{what}-*")) if folder.parent.is_dir() else []
+
+
+def _recover(folder: Path) -> None:
+    """Undo what a stage killed mid-way (SIGKILL) left beside ``folder``: a half-written staging
+    folder is dropped, an output folder moved aside but not yet replaced is moved back, and the
+    files of a model folder set aside are put back."""
+    for stale in _leftovers(folder, "staging"):
+        shutil.rmtree(stale)
+    for old in _leftovers(folder, "old"):
+        if folder.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(folder)
+    for backup in _leftovers(folder, "backup"):
+        _restore_files(backup, folder)
+
+
+def _top_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def _backup_files(folder: Path, backup: Path) -> None:
+    """Copy the files directly in each ``folder/<seed>`` (not its checkpoint folders) to ``backup``."""
+    for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        target = backup / run_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in _top_files(run_dir):
+            shutil.copy2(file, target / file.name)
+    backup.mkdir(parents=True, exist_ok=True)
+
+
+def _restore_files(backup: Path, folder: Path) -> None:
+    """Put the files of ``backup`` back in ``folder/<seed>``, dropping files the failed stage added."""
+    for saved in sorted(p for p in backup.iterdir() if p.is_dir()):
+        run_dir = folder / saved.name
+        kept = {p.name for p in _top_files(saved)}
+        for file in _top_files(run_dir):
+            if file.name not in kept:
+                file.unlink()
+        for file in _top_files(saved):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(file, run_dir / file.name)
+    shutil.rmtree(backup)
+
+
+@contextmanager
+def protected_outputs(dirs: StageDirs, whole: bool, resumable: tuple[str, ...] = ()) -> Iterator[StageDirs]:
+    """The folders the stage's runs write to, such that a failing stage leaves its outputs as they were.
+
+    Each output folder of :data:`STAGED_KINDS` is replaced by an empty staging folder beside it
+    (``.<name>.staging-<pid>``); when the body succeeds the staging folder replaces the output
+    folder (``whole``: the stage made every file of it) or its files are moved in (one ``--seed``),
+    and when it fails it is dropped. A ``resumable`` folder (the models: checkpoints a rerun resumes
+    from) is written in place; the files directly in its per-seed folders (evaluation weights, the
+    run file) are copied aside first and put back if the body fails. Leftovers of a stage that was
+    killed are undone first. Inside the seed processes of a staged stage, and on ranks other than 0
+    (which write no outputs), the folders are used as given.
+    """
+    if os.environ.get(STAGED_ENV) or os.environ.get("RANK", "0") != "0":
+        yield dirs
         return
-    from pipelines.tracking import prepare_store
+    staged = {kind: getattr(dirs, kind) for kind in STAGED_KINDS if getattr(dirs, kind) is not None}
+    kept = {kind: getattr(dirs, kind) for kind in resumable if getattr(dirs, kind) is not None}
+    for folder in [*staged.values(), *kept.values()]:
+        _recover(folder)
+    staging = {kind: _sibling(folder, "staging") for kind, folder in staged.items()}
+    backups = {kind: _sibling(folder, "backup") for kind, folder in kept.items()}
+    try:
+        for kind, folder in staging.items():
+            folder.mkdir(parents=True)
+        for kind, backup in backups.items():
+            _backup_files(kept[kind], backup)
+        yield dataclasses.replace(dirs, **staging)
+    except BaseException:
+        for kind, backup in backups.items():
+            _restore_files(backup, kept[kind])
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for kind, folder in staged.items():
+        _swap_in(staging[kind], folder, whole)
+    for backup in backups.values():
+        shutil.rmtree(backup)
 
-    prepare_store()  # create (and migrate) the store once, before the runs race to do it
-    argv = list(sys.argv[1:] if argv is None else argv)
-    failed = run_side_by_side({run.seed: [sys.executable, "-m", module, *argv, "--seed", str(run.seed)] for run in runs},
-                              study.runs_at_once, study.threads_per_run)
-    if failed:
-        raise SystemExit(f"{module} {args.dataset} {args.model}: seed(s) {failed} failed (see above)")
+
+def _swap_in(staging: Path, folder: Path, whole: bool) -> None:
+    """Make ``staging`` the content of ``folder``: replace it (``whole``) or move its files in."""
+    if whole:
+        old = _sibling(folder, "old")
+        if folder.exists():
+            folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+        target = folder / file.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+    shutil.rmtree(staging)
 
 
-def run_side_by_side(commands: Mapping[int, list[str]], at_once: int, threads: Optional[int]) -> list[int]:
-    """Run ``commands`` (key -> argv), ``at_once`` at a time, each limited to ``threads`` threads;
-    return the keys of those that failed."""
-    env = dict(os.environ)
+def run_side_by_side(commands: Mapping[int, list[str]], at_once: int, threads: Optional[int],
+                     extra_env: Optional[Mapping[str, str]] = None) -> list[int]:
+    """Run ``commands`` (key -> argv), ``at_once`` at a time, each limited to ``threads`` threads
+    (and with ``extra_env`` added to the environment); return the keys of those that failed."""
+    env = {**os.environ, **(extra_env or {})}
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     pending, running, failed = list(commands.items()), {}, []

@@ -20,6 +20,7 @@ The root is found from git's *common* dir, so ``dvc exp run`` temp copies log to
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import getpass
 import json
@@ -27,14 +28,17 @@ import math
 import os
 import platform
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 # Set before mlflow is imported anywhere: no telemetry, no background job workers.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -47,7 +51,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.provenance import package_versions
 from pipelines.runs import experiment_name  # noqa: E402
-from sdn.callbacks import Callback  # noqa: E402
+from sdn.callbacks import EVAL_PREFIX, Callback  # noqa: E402
 
 ROOT_ENV = "SDN_REPO_ROOT"
 DB_NAME = "mlflow.db"
@@ -56,6 +60,8 @@ ARTIFACT_SCHEME = "mlflow-artifacts:"
 # The file (in the checkpoint folder while training, in the run's model folder when done) that
 # names the run's MLflow run: a DVC output of the train stage, a dependency of evaluate and fid.
 RUN_FILE = "mlflow_run.json"
+# The training curve the train stage keeps beside the checkpoint (read back to complete a run).
+CURVE_FILE = "curve.csv"
 KEY_TAGS = ("dataset", "model", "seed")
 COMPLETE_TAG = "complete"
 # The stages that log into a run of each family; ``complete=true`` once all of them have.
@@ -251,6 +257,113 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class StoreError(RuntimeError):
+    """The MLflow store is damaged or unreachable; the message is one line naming it and what to do."""
+
+
+def store_problem(uri: Optional[str] = None, timeout: float = 10.0) -> Optional[str]:
+    """One line naming what is wrong with the MLflow store at ``uri`` and what to do, or None when
+    it is usable. SQLite: the database file must read back whole (``PRAGMA quick_check``; a missing
+    file is fine, it is created). A server (``http(s)://``): its ``/health`` must answer within
+    ``timeout`` seconds. Any other store: one ``search_experiments`` call must succeed."""
+    uri = uri or tracking_uri()
+    folder = _sqlite_folder(uri)
+    if folder is not None:
+        path = Path(uri[len("sqlite:///"):]).resolve()
+        if not path.exists():
+            return None if os.access(_existing_parent(path), os.W_OK) else (
+                f"MLflow store {path} cannot be created: {_existing_parent(path)} is not writable")
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout) as db:
+                verdict = db.execute("PRAGMA quick_check").fetchone()
+            if verdict is None or verdict[0] != "ok":
+                raise sqlite3.DatabaseError(str(verdict[0] if verdict else "no answer"))
+        except sqlite3.Error as error:
+            if "locked" in str(error):  # another stage is writing: busy, not damaged
+                return None
+            return (f"MLflow store {path} is damaged ({error}): move it aside (mv {path} {path}.broken) "
+                    f"to start an empty store there, or restore it from a backup")
+        return None
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                if response.status == 200:
+                    return None
+                reason = f"HTTP {response.status}"
+        except (OSError, urllib.error.URLError) as error:
+            reason = str(getattr(error, "reason", error))
+        return (f"MLflow server {uri} (MLFLOW_TRACKING_URI) is unreachable ({reason}): start it "
+                f"(docs/team.md), or unset MLFLOW_TRACKING_URI to log to the local mlflow.db")
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure means the store is unusable; named below
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"MLflow store {uri} (MLFLOW_TRACKING_URI) is unusable ({first[:300]}): check the URI and the database"
+    return None
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_store(uri: Optional[str] = None) -> str:
+    """The store's URI once it is usable; :class:`StoreError` with :func:`store_problem`'s line otherwise.
+    The stage runner calls it before a stage touches anything (``pipelines.study.run_stage``)."""
+    uri = uri or tracking_uri()
+    problem = store_problem(uri)
+    if problem is not None:
+        raise StoreError(problem)
+    return uri
+
+
+def _completion_hint() -> str:
+    stage = os.environ.get("DVC_STAGE")
+    if stage:
+        return f"dvc repro -f --single-item {stage}"
+    return "the same command again"
+
+
+class _GuardedClient:
+    """An ``MlflowClient`` whose calls stop failing the stage once the store has gone away.
+
+    The store was checked when the stage started. When a call then fails and the store no longer
+    answers (:func:`store_problem`), a warning names it once and every later call does nothing and
+    returns None: training goes on and the stage writes its DVC outputs; rerunning the stage with the
+    store back completes the MLflow run (it is reopened and its curve filled in from the curve file).
+    A failing call while the store still answers is a real error and is raised."""
+
+    def __init__(self, client: MlflowClient, uri: str, warn: Callable[[str], None]):
+        self._client, self._uri, self._warn = client, uri, warn
+        self.lost: Optional[str] = None
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.lost is not None:
+                return None
+            try:
+                return attr(*args, **kwargs)
+            except Exception:
+                problem = store_problem(self._uri, timeout=5.0)
+                if problem is None:
+                    raise
+                self.lost = problem
+                self._warn(problem)
+                return None
+
+        return call
+
+
+def _warn_store_lost(problem: str) -> None:
+    print(f"warning: {problem}. The stage goes on without MLflow and writes its DVC outputs; once the "
+          f"store is back, complete the MLflow runs with: {_completion_hint()}", file=sys.stderr, flush=True)
+
+
 def prepare_store(uri: Optional[str] = None) -> str:
     """Create (and migrate) the store without creating an experiment; return its URI."""
     uri = uri or tracking_uri()
@@ -275,8 +388,16 @@ class Tracker:
         self.artifact_root = folder / ARTIFACT_DIR if folder is not None else None
         self._logged: dict[str, set[tuple[str, int]]] = {}
         with store_lock(self.uri):  # MlflowClient creates and migrates a SQLite store right away
-            self.client = MlflowClient(tracking_uri=self.uri)
+            client = MlflowClient(tracking_uri=self.uri)
+            self.client = client
             self._open_experiment(experiment, description)
+        # From here on a store that goes away does not fail the stage (see _GuardedClient).
+        self.client = _GuardedClient(client, self.uri, _warn_store_lost)
+
+    @property
+    def lost(self) -> Optional[str]:
+        """What happened to the store when it went away during this stage (None: it did not)."""
+        return getattr(self.client, "lost", None)
 
     def _open_experiment(self, experiment: str, description: Optional[str]) -> None:
         found = self.client.get_experiment_by_name(experiment)
@@ -326,6 +447,8 @@ class Tracker:
         base_tags.update({f"version.{k}": v for k, v in package_versions().items()})
         base_tags.update({k: str(v) for k, v in tags.items()})
         run = self.client.create_run(self.experiment_id, run_name=key.run_name, tags=base_tags)
+        if run is None:
+            raise StoreError(f"{self.lost}; no MLflow run could be created")
         run_id = run.info.run_id
         self._logged[run_id] = set()
         items = list(flatten(params).items())
@@ -339,7 +462,7 @@ class Tracker:
             run = self.client.get_run(run_id)
         except MlflowException:
             return None
-        return run if run.info.lifecycle_stage == "active" else None
+        return run if run is not None and run.info.lifecycle_stage == "active" else None
 
     def status(self, run_id: str) -> Optional[str]:
         run = self.get_run(run_id)
@@ -350,14 +473,14 @@ class Tracker:
         stage logs only what is new (:meth:`log_metrics` skips the rest)."""
         run = self.client.get_run(run_id)
         logged: set[tuple[str, int]] = set()
-        for name in run.data.metrics:
-            logged.update((name, int(m.step)) for m in self.client.get_metric_history(run_id, name))
+        for name in run.data.metrics if run is not None else ():
+            logged.update((name, int(m.step)) for m in self.client.get_metric_history(run_id, name) or ())
         self._logged[run_id] = logged
         self.client.update_run(run_id, status="RUNNING")
 
     def metric_at(self, run_id: str, name: str, step: int) -> Optional[float]:
         """The value of ``name`` at the last step <= ``step`` (None if there is none)."""
-        points = [m for m in self.client.get_metric_history(run_id, name) if m.step <= step]
+        points = [m for m in self.client.get_metric_history(run_id, name) or () if m.step <= step]
         return max(points, key=lambda m: (m.step, m.timestamp)).value if points else None
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
@@ -379,7 +502,10 @@ class Tracker:
     def artifact_dir(self, run_id: str) -> Optional[Path]:
         """The local folder of the run's artifacts when its URI is ``mlflow-artifacts:/...`` and the
         store is SQLite (resolved against the store's folder, never the process's cwd)."""
-        uri = self.client.get_run(run_id).info.artifact_uri
+        run = self.client.get_run(run_id)
+        if run is None:
+            return None
+        uri = run.info.artifact_uri
         if self.artifact_root is None or not uri.startswith(ARTIFACT_SCHEME):
             return None
         return self.artifact_root / uri[len(ARTIFACT_SCHEME):].lstrip("/")
@@ -432,6 +558,8 @@ class Tracker:
         run a failed ``stage`` had marked FAILED is FINISHED again."""
         self.client.set_tag(run_id, f"done_{stage}", "true")
         run = self.client.get_run(run_id)
+        if run is None:  # the store went away
+            return
         tags = run.data.tags
         if run.info.status == "FAILED" and tags.get("failed_stage") == stage:
             self.client.delete_tag(run_id, "failed_stage")
@@ -508,10 +636,31 @@ def open_training_run(tracker: Tracker, checkpoint_dir: Path, key: RunKey, param
             return TrainingRun(run.info.run_id, "finished")
         tracker.reopen(run.info.run_id)
         tracker.client.set_tag(run.info.run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+        backfill_curve(tracker, run.info.run_id, checkpoint_dir / CURVE_FILE)
         return TrainingRun(run.info.run_id, "resumed")
     run_id = tracker.new_run(key, params, tags)
     write_run_file(checkpoint_dir / RUN_FILE, run_id, tracker.experiment, tracker.experiment_id)
     return TrainingRun(run_id, "new")
+
+
+def backfill_curve(tracker: Tracker, run_id: str, curve: Path) -> int:
+    """Log the points of the curve file ``curve`` (CSV, as ``sdn.callbacks.CurveWriter`` writes it)
+    that the reopened run lacks: ``val_<m>`` as ``validation/<m>``, the other columns as
+    ``train/<m>``. A store that went away during training missed them; return how many were logged."""
+    try:
+        with Path(curve).open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError:
+        return 0
+    count = 0
+    for row in rows:
+        step = int(float(row.pop("step")))
+        values = {(f"validation/{k[len(EVAL_PREFIX):]}" if k.startswith(EVAL_PREFIX) else f"train/{k}"): float(v)
+                  for k, v in row.items() if k and v not in (None, "")}
+        before = len(tracker._logged.get(run_id, ()))
+        tracker.log_metrics(run_id, values, step)
+        count += len(tracker._logged.get(run_id, ())) - before
+    return count
 
 
 def abandon_run_in(tracker: Tracker, folder: Path) -> None:

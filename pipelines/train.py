@@ -192,7 +192,7 @@ def _export(study, run, paths, family, result, num_params, checkpoint_dir, curve
 
 def main(argv: list[str] | None = None) -> None:
     run_stage(__doc__, "pipelines.train", train_run, argv,
-              dirs=("models", "samples", "train_metrics", "curves"))
+              dirs=("models", "samples", "train_metrics", "curves"), resumable=("models",))
 
 
 if __name__ == "__main__":

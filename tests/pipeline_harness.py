@@ -87,8 +87,9 @@ def env(workspace: Path) -> dict[str, str]:
     return out
 
 
-def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "dvc"), *args], cwd=workspace, env=env(workspace),
+def dvc(workspace: Path, *args: str, check: bool = True,
+        extra_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=workspace, env={**env(workspace), **(extra_env or {})},
                             capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -152,6 +153,27 @@ def built_workspace(tmp_root: Path) -> tuple[Path, str]:
     return _BUILT["workspace"]
 
 
+# What a clone of the study keeps out of git (the repository's .gitignore, run state).
+RUN_STATE_IGNORED = "mlflow.db\nmlflow.db-*\nmlartifacts/\n/.dvc/site/\n"
+
+
+def git(workspace: Path, *args: str) -> str:
+    """``git <args>`` in ``workspace`` as a test user; its stdout."""
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+                          cwd=workspace, check=True, capture_output=True, text=True).stdout
+
+
+def committed_copy(built: Path, dest: Path) -> Path:
+    """A copy of a built workspace at ``dest`` with everything committed (run state ignored), so that
+    `git status` and `dvc status` are clean there."""
+    shutil.copytree(built, dest, symlinks=True)
+    (dest / ".gitignore").write_text(RUN_STATE_IGNORED)
+    dvc(dest, "config", "core.site_cache_dir", str(dest / ".dvc" / "site"))
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "tiny study")
+    return dest
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket() as sock:
@@ -160,14 +182,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(root: Path, log: Path, env: Mapping[str, str]) -> Iterator[str]:
-    """`mlflow server` on ``root``'s store, started in ``root`` as `make ui` does; yields its base URL
-    and stops the server's whole process group afterwards."""
+def mlflow_server(root: Path, log: Path, env: Mapping[str, str], backend: str | None = None) -> Iterator[str]:
+    """`mlflow server` on ``root``'s store (or the ``backend`` store URI, e.g. a PostgreSQL database,
+    with artifacts under ``root/mlartifacts``), started in ``root`` as `make ui` does; yields its
+    base URL and stops the server's whole process group afterwards."""
     port = free_port()
+    store = ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"] if backend is None else [
+        "--backend-store-uri", backend, "--artifacts-destination", str(root / "mlartifacts")]
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            [str(BIN / "mlflow"), "server", *store, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=root, env=dict(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         base = f"http://127.0.0.1:{port}"
@@ -185,7 +209,10 @@ def mlflow_server(root: Path, log: Path, env: Mapping[str, str]) -> Iterator[str
                 time.sleep(0.5)
             yield base
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:  # the server had already exited (its log says why)
+                pass
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
