@@ -321,13 +321,17 @@ def _backup_files(folder: Path, backup: Path) -> None:
 
 
 def _restore_files(backup: Path, folder: Path) -> None:
-    """Put the files of ``backup`` back in ``folder/<seed>``, dropping files the failed stage added."""
-    for saved in sorted(p for p in backup.iterdir() if p.is_dir()):
-        run_dir = folder / saved.name
+    """Put the files of ``backup`` back in ``folder/<seed>``, dropping files the failed stage added,
+    also in seed folders it created (their checkpoint folders stay: they are the resume point)."""
+    run_dirs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    for run_dir in run_dirs:
+        saved = backup / run_dir.name
         kept = {p.name for p in _top_files(saved)}
         for file in _top_files(run_dir):
             if file.name not in kept:
                 file.unlink()
+    for saved in sorted(p for p in backup.iterdir() if p.is_dir()):
+        run_dir = folder / saved.name
         for file in _top_files(saved):
             run_dir.mkdir(parents=True, exist_ok=True)
             os.replace(file, run_dir / file.name)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 
 import torch
+import torch.distributed as dist
 
 from pipelines.study import Run, RunPaths, Study, run_stage
 from sdn import memory_plan
@@ -47,10 +48,12 @@ class MemoryPlanError(RuntimeError):
 
 
 def check_memory_plan(study: Study, run: Run, train_config, available_bytes: int | None = None,
-                      world_size: int | None = None) -> memory_plan.PhasePlan | None:
+                      world_size: int | None = None, distributed: bool | None = None) -> memory_plan.PhasePlan | None:
     """Pre-flight: plan one training step at the per-GPU micro-batch (``sdn.memory_plan``, on meta) and
     raise :class:`MemoryPlanError` naming ``<family>.<dataset>.train.micro_batch_size`` when the plan
-    exceeds ``available_bytes`` (default: the free memory of this rank's GPU). Skipped (None) on CPU."""
+    exceeds ``available_bytes`` (default: the free memory of this rank's GPU). Skipped (None) on CPU.
+    ``distributed`` (default: more than one rank) adds DDP's gradient buckets: a torchrun job of one
+    rank is still wrapped in DDP."""
     if available_bytes is None:
         if train_config.device == "cpu" or not torch.cuda.is_available():
             return None
@@ -61,7 +64,8 @@ def check_memory_plan(study: Study, run: Run, train_config, available_bytes: int
     config = study.model_config(run)
     build = functools.partial(study.family(run.family).build, config, run.model)
     plan = memory_plan.plan_train_step(build, memory_plan.image_shape(config), micro, train_config.precision,
-                                       ema=train_config.ema_decay is not None, ddp=world > 1)
+                                       ema=train_config.ema_decay is not None,
+                                       ddp=world > 1 if distributed is None else distributed)
     if not plan.fits(available_bytes):
         raise MemoryPlanError(
             f"{run.family}.{run.dataset}.train.micro_batch_size = {micro} ({run.model}, {train_config.precision}): "
@@ -79,7 +83,7 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     train_config = study.train_config(run)
     # Under torchrun, join the process group (the trainer reuses it) before rank 0 works alone.
     ctx = setup_distributed(train_config.device)
-    check_memory_plan(study, run, train_config, world_size=ctx.world_size)  # on a GPU: fail before training
+    check_memory_plan(study, run, train_config, world_size=ctx.world_size, distributed=ctx.is_distributed)  # on a GPU: fail before training
     dataset = study.dataset(run.dataset, "train")
     if getattr(study.model_config(run), "hflip", False):
         dataset = RandomHFlip(dataset)
@@ -191,8 +195,12 @@ def _export(study, run, paths, family, result, num_params, checkpoint_dir, curve
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, "pipelines.train", train_run, argv,
-              dirs=("models", "samples", "train_metrics", "curves"), resumable=("models",))
+    try:
+        run_stage(__doc__, "pipelines.train", train_run, argv,
+                  dirs=("models", "samples", "train_metrics", "curves"), resumable=("models",))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

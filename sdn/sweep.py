@@ -67,8 +67,8 @@ def parameter_grads(
     ``grad_pre`` (S, L·B, 3F) holds the gradients of the gate pre-activations [r, z, n-input] of
     every updated line (the first line's rows are never read), ``out`` the sweep's output and
     ``reset`` the reset gates of the updated lines. The hidden path's gradient into the input,
-    W_hhᵀ·[dr, dz, dn·r], is added to ``grad_x`` in place. ``grad_pre`` is overwritten.
-    Shared by the plain sweep and the Triton fast path (:mod:`sdn.sweep_triton`).
+    W_hhᵀ·[dr, dz, dn·r], is added to ``grad_x`` in place. ``grad_pre`` is overwritten. (The
+    Triton fast path, :mod:`sdn.sweep_triton`, has its own tail: its kernel writes the neighbours.)
     """
     num_lines, _, feat = x_rows.shape
     done, prev_of_done, _ = _line_ranges(num_lines, reverse)

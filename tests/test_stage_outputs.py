@@ -59,6 +59,20 @@ def test_a_failing_stage_leaves_every_output_as_it_was_but_the_checkpoint(stage)
     assert after == before  # new weights and run file gone, old samples and metrics kept, no leftovers
 
 
+def test_a_failing_stage_removes_the_files_it_wrote_into_a_new_seed_folder(stage):
+    """Seed 0 exported (a new seed1 folder: weights, run file, checkpoint), then the stage failed: the
+    new seed folder keeps only its checkpoint (the resume point), not files a reader would trust."""
+    dirs, root = stage
+    before = _tree(root)
+    with pytest.raises(RuntimeError, match="boom"):
+        with protected_outputs(dirs, whole=True, resumable=("models",)) as out:
+            _write_new(out, 1)
+            raise RuntimeError("boom")
+    after = _tree(root)
+    assert after.pop("models/d/m/seed1/checkpoints/abc/checkpoint.pt") == b"ckpt 2"
+    assert after == before
+
+
 def test_a_whole_stage_replaces_its_folders_and_one_seed_adds_its_files(stage):
     dirs, root = stage
     with protected_outputs(dirs, whole=True, resumable=("models",)) as out:
