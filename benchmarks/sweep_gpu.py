@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402,F401  (registers the decoder blocks)
 from sdn_layer import inplace_loop  # noqa: E402  (the official-style loop, one copy)
+from train_step import optimizer_step  # noqa: E402  (the trainer's step, one copy)
 from sdn.layers import DirectionalSweep, _run_sweeps  # noqa: E402
 from sdn.models.hvae import build_hvae, get_config  # noqa: E402
-from sdn.training import forward_backward, grad_norm_and_clip  # noqa: E402
 
 DIRECTIONS = ["left_right", "top_down"]
 
@@ -148,16 +148,7 @@ def train_step(config_name: str, model_name: str, sweep: str, precision: str, ba
                            dtype=torch.uint8, device=device)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward(model, images, precision, scaler)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm_and_clip(model.parameters(), None)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(model, images, optimizer, precision, scaler)
 
     step()  # warm-up (compiles the kernels)
     _sync(device)

@@ -11,7 +11,7 @@ posterior samples, so the differences are paired):
   autocast bf16        the whole model under bf16 autocast; the sweeps follow it (sdn.layers)
   autocast, fp32 sweep bf16 autocast with the sweeps kept in fp32 (sdn.layers before this change)
 
-    python benchmarks/sweep_precision.py --data /tmp/patches32 --steps 1200
+    python benchmarks/sweep_precision.py --data data/prepared/patches32 --steps 1200
 """
 
 from __future__ import annotations

@@ -40,6 +40,23 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def optimizer_step(model: torch.nn.Module, images: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   precision: str, scaler: torch.amp.GradScaler | None) -> dict[str, torch.Tensor]:
+    """One training step as the trainer takes it (forward/backward under ``precision``, unscale,
+    grad norm, scaler or plain update), without its bookkeeping; returns the model's outputs."""
+    optimizer.zero_grad(set_to_none=True)
+    out = forward_backward(model, images, precision, scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm_and_clip(model.parameters(), None)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return out
+
+
 def benchmark(model_name: str, config_name: str, batch_size: int, device_name: str,
               steps: int, warmup: int, precision: str, seed: int, lr: float = 0.01) -> dict[str, float | int | str]:
     """Time ``steps`` training steps after ``warmup`` ones; return the measurements."""
@@ -64,16 +81,7 @@ def benchmark(model_name: str, config_name: str, batch_size: int, device_name: s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        out = forward_backward(model, images, precision, scaler)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm_and_clip(model.parameters(), None)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        out = optimizer_step(model, images, optimizer, precision, scaler)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - began
