@@ -413,7 +413,22 @@ class Tracker:
         else:
             self.experiment_id = found.experiment_id
         if description is not None and (found is None or found.tags.get("mlflow.note.content") != description):
+            self._describe_experiment(description)
+
+    def _describe_experiment(self, description: str) -> None:
+        """Set the experiment's description, tolerating a concurrent stage that sets it at the same time.
+
+        A server's SQL store inserts a tag it does not find: two stages of a parallel queue that open a new
+        experiment together race, and the loser gets a unique-key violation although the row it wanted is
+        there. It reads the tag back and, if another stage wrote a different text, writes once more (an
+        update now, since the row exists).
+        """
+        try:
             self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
+        except MlflowException:
+            current = self.client.get_experiment(self.experiment_id).tags.get("mlflow.note.content")
+            if current != description:
+                self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
 
     @classmethod
     def for_family(cls, study_name: str, family: str, **kwargs: Any) -> "Tracker":

@@ -263,3 +263,27 @@ def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path):
     client = tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sdn-race-density")
     assert len(client.search_runs([exp.experiment_id])) == 3
+
+
+@pytest.mark.parametrize("other_text", ["same", "different"])
+def test_description_written_by_a_concurrent_stage_does_not_fail_this_one(store, monkeypatch, other_text):
+    """A server's SQL store answers a second insert of the description tag with a unique-key violation
+    (two stages of a parallel queue opening a new experiment together): the stage reads the tag back and
+    goes on, rewriting it when the other stage wrote another text."""
+    description = tracking.experiment_description("test", "density")
+    written = {"other": description if other_text == "same" else "an older description"}
+    real_set = tracking.MlflowClient.set_experiment_tag
+    calls = []
+
+    def racing_set(self, experiment_id, key, value):
+        calls.append(value)
+        if len(calls) == 1:  # the other stage's insert lands first; ours then violates the key
+            real_set(self, experiment_id, key, written["other"])
+            raise tracking.MlflowException("duplicate key value violates unique constraint experiment_tag_pk")
+        return real_set(self, experiment_id, key, value)
+
+    monkeypatch.setattr(tracking.MlflowClient, "set_experiment_tag", racing_set)
+    tracker = tracking.Tracker.for_family("test", "density")
+    tags = tracking.MlflowClient(tracker.uri).get_experiment(tracker.experiment_id).tags
+    assert tags["mlflow.note.content"] == description
+    assert len(calls) == (1 if other_text == "same" else 2)
