@@ -86,7 +86,7 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     check_memory_plan(study, run, train_config, world_size=ctx.world_size, distributed=ctx.is_distributed)  # on a GPU: fail before training
     dataset = study.dataset(run.dataset, "train")
     if getattr(study.model_config(run), "hflip", False):
-        dataset = RandomHFlip(dataset)
+        dataset = RandomHFlip(dataset, run.seed)
     family = study.family(run.family)
     seed_everything(run.seed)
     model = study.build_model(run)

@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sdn.collectives import merge_disjoint, rank_and_world, shard
-from sdn.distributed import derive_seed
 from sdn.likelihoods import nats_to_bpd
+from sdn.seeding import image_generators
 
 
 def _image_of(item: Any, index: int) -> torch.Tensor:
@@ -82,7 +82,7 @@ def image_log_weights(model: nn.Module, images: torch.Tensor, indices: Sequence[
               for s in range(0, images.shape[0], chunk_size)]
     features = slices[0] if len(slices) == 1 else [torch.cat(parts) for parts in zip(*slices)]
     del slices
-    generators = [torch.Generator(device=device).manual_seed(derive_seed(seed, int(i))) for i in indices]
+    generators = image_generators(indices, device, seed)
     table = torch.empty(images.shape[0] * num_samples, dtype=torch.float64, device=device)
     for start in range(0, table.numel(), chunk_size):
         pairs = range(start, min(start + chunk_size, table.numel()))

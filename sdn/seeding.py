@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from sdn.distributed import derive_seed
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -36,3 +39,16 @@ def make_generator(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def image_generators(indices: Sequence[int], device: torch.device | str, *stream: int) -> list[torch.Generator]:
+    """One generator per image on ``device``, seeded by (``*stream``, dataset index): an image's draws
+    depend on which image it is, not on the batch, micro-batch or rank that holds it."""
+    return [torch.Generator(device=device).manual_seed(derive_seed(*stream, int(i))) for i in indices]
+
+
+def image_noise(indices: Sequence[int], size: int, device: torch.device | str, *stream: int) -> torch.Tensor:
+    """Standard normal noise (B, ``size``) on ``device``, row b drawn from image ``indices[b]``'s own
+    generator (:func:`image_generators`)."""
+    generators = image_generators(indices, device, *stream)
+    return torch.stack([torch.randn(size, generator=g, device=device) for g in generators])

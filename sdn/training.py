@@ -8,7 +8,11 @@ global batch is split into equal per-rank slices, so the result matches a single
 Gradient accumulation: each rank runs its slice as ``TrainConfig.micro_batch_size`` micro-batches
 (DDP's ``no_sync`` on all but the last), each loss weighted 1 / (accumulation steps), so the
 update is that of the whole global batch: 1 GPU x 4 micro-batches, 2 x 2 and 4 x 1 train on the
-same images and reach the same weights (to float rounding; a model's random draws differ). Under
+same images and reach the same weights (to float rounding). A model with ``posterior_noise_size``
+receives its posterior noise from the trainer, drawn per image from a generator seeded by (seed,
+:data:`TRAIN_NOISE_STREAM`, epoch, dataset index), and ``RandomHFlip`` flips per (seed, epoch, index):
+such a model trains on the same noise whatever the number of processes or micro-batches, so a job of
+two nodes equals one process to float rounding (other models draw from each rank's seed). Under
 fp16 a step whose loss or gradients are not finite is skipped (GradScaler backs off) and the run
 stops only after ``TrainConfig.max_nonfinite_in_a_row`` such steps in a row.
 
@@ -66,7 +70,7 @@ from sdn.distributed import (
     setup_distributed,
 )
 from sdn.ema import ExponentialMovingAverage
-from sdn.seeding import make_generator, seed_everything, seed_worker
+from sdn.seeding import image_noise, make_generator, seed_everything, seed_worker
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,9 @@ _RESUME_FIELDS = ("seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_dec
                   "precision", "keep_best")
 LR_SCHEDULES = ("exponential", "cosine")
 PRECISIONS = ("fp32", "fp16", "bf16")
+# Seed stream of the training posterior noise: image i in epoch e draws from derive_seed(seed, 1, e, i)
+# (sdn.data.augment.FLIP_STREAM is the flips'; evaluation noise is derive_seed(seed, i), sdn.scores).
+TRAIN_NOISE_STREAM = 1
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _RESERVED_METRICS = ("grad_norm", "lr", "fp16_skipped")
 BEST_NAME = "best.pt"  # the evaluation weights at the best ``keep_best`` value, beside the checkpoint
@@ -224,11 +231,12 @@ class TrainResult:
 
 def forward_backward(
     model: nn.Module, images: torch.Tensor, precision: str = "fp32",
-    scaler: torch.amp.GradScaler | None = None, loss_weight: float = 1.0,
+    scaler: torch.amp.GradScaler | None = None, loss_weight: float = 1.0, noise: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run ``model(images)`` under ``precision`` ("fp16"/"bf16": autocast on the images' device) and
-    backpropagate ``"loss"`` times ``loss_weight`` (1 / accumulation steps for a micro-batch),
-    multiplied by ``scaler``'s scale when given; gradients add to those already in ``.grad``.
+    """Run ``model(images)`` (``model(images, noise=noise)`` when ``noise`` is given) under
+    ``precision`` ("fp16"/"bf16": autocast on the images' device) and backpropagate ``"loss"`` times
+    ``loss_weight`` (1 / accumulation steps for a micro-batch), multiplied by ``scaler``'s scale when
+    given; gradients add to those already in ``.grad``.
 
     Returns the model's output dict after checking the contract: scalar tensors including ``"loss"``.
     """
@@ -236,7 +244,7 @@ def forward_backward(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dtype = _AUTOCAST_DTYPES.get(precision)
     with torch.autocast(device_type=images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        out = model(images)
+        out = model(images) if noise is None else model(images, noise=noise)
     if not isinstance(out, Mapping) or "loss" not in out:
         raise ValueError(f"model forward must return a dict with a 'loss' entry, got {type(out).__name__}")
     for key, value in out.items():
@@ -382,13 +390,18 @@ def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkp
     try:
         while step < config.steps:
             epoch, start_batch = divmod(step, steps_per_epoch)
+            if hasattr(train_dataset, "set_epoch"):  # e.g. RandomHFlip: its flips follow (seed, epoch, index)
+                train_dataset.set_epoch(epoch)
             loader = _make_loader(train_dataset, config, ctx, epoch, start_batch)
-            for batches in _in_groups(loader, micro_batches):
+            # The sampler's index lists, read alongside the loader's batches (the same seeded order).
+            for indices, batches in zip(_in_groups(loader.batch_sampler, micro_batches),
+                                        _in_groups(loader, micro_batches)):
                 step += 1
                 images = [_images_on(device, batch, channels_last) for batch in batches]
+                noises = [_posterior_noise(model, config.seed, epoch, i, device) for i in indices]
                 lr = optimizer.param_groups[0]["lr"]
-                values = _optimizer_step(net, model, images, optimizer, config.grad_clip, config.precision,
-                                         scaler, ctx, step)
+                values = _optimizer_step(net, model, images, noises, optimizer, config.grad_clip,
+                                         config.precision, scaler, ctx, step)
                 if metric_keys is None:
                     metric_keys = sorted(values)
                 elif sorted(values) != metric_keys:  # the all-reduced vector must line up across steps
@@ -432,9 +445,11 @@ def _train(model: nn.Module, train_dataset: Dataset, config: TrainConfig, checkp
 
 
 def _optimizer_step(net: nn.Module, model: nn.Module, micro_batches: Sequence[torch.Tensor],
+                    noises: Sequence[torch.Tensor | None],
                     optimizer: torch.optim.Optimizer, grad_clip: float | None, precision: str,
                     scaler: torch.amp.GradScaler | None, ctx: DistContext, step: int) -> dict[str, float]:
-    """One optimizer step on this rank's micro-batches: forward/backward of each (gradients
+    """One optimizer step on this rank's micro-batches (with their posterior noise, or None):
+    forward/backward of each (gradients
     accumulated, each loss weighted 1 / len(micro_batches), DDP synchronising on the last one
     only), metrics averaged over micro-batches and ranks, grad norm (+clip), and the update.
 
@@ -447,10 +462,10 @@ def _optimizer_step(net: nn.Module, model: nn.Module, micro_batches: Sequence[to
     weight = 1.0 / len(micro_batches)
     keys: list[str] | None = None
     total: torch.Tensor | None = None
-    for index, images in enumerate(micro_batches):
+    for index, (images, noise) in enumerate(zip(micro_batches, noises, strict=True)):
         syncing = index == len(micro_batches) - 1 or not isinstance(net, DistributedDataParallel)
         with contextlib.nullcontext() if syncing else net.no_sync():
-            out = forward_backward(net, images, precision, scaler, loss_weight=weight)
+            out = forward_backward(net, images, precision, scaler, loss_weight=weight, noise=noise)
         if keys is None:
             keys = sorted(out)
         elif sorted(out) != keys:
@@ -483,6 +498,16 @@ def _optimizer_step(net: nn.Module, model: nn.Module, micro_batches: Sequence[to
         values["grad_norm"] = 0.0
     values["fp16_skipped"] = float(not finite)
     return values
+
+
+def _posterior_noise(model: nn.Module, seed: int, epoch: int, indices: Sequence[int],
+                     device: torch.device) -> torch.Tensor | None:
+    """The training posterior noise (B, ``model.posterior_noise_size``) of the images ``indices`` in
+    ``epoch``, drawn per image on ``device`` (None for a model that draws its own)."""
+    size = getattr(model, "posterior_noise_size", None)
+    if size is None:
+        return None
+    return image_noise(indices, int(size), device, seed, TRAIN_NOISE_STREAM, epoch)
 
 
 def _in_groups(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -40,20 +40,28 @@ def test_forward_backward_contract(name: str) -> None:
     assert out["bpd"].item() == pytest.approx((out["recon"] + out["kl"]).item() / (192 * math.log(2)), rel=1e-5)
 
 
-def test_free_bits_objective_is_max_of_batch_mean_kl_per_layer() -> None:
+def test_free_bits_objective_is_max_of_batch_mean_kl_per_layer_and_zero_is_the_plain_elbo() -> None:
     cfg = get_config("tiny")
     torch.manual_seed(0)
     model = build_hvae(cfg, "cnn")
     images = tiny_images(4)
     torch.manual_seed(1)
     log_px, kls = model._elbo_terms(images)
-    for free_bits in (0.0, 1e4):
+    means = [k.mean().item() for k in kls]
+    between = (min(means) + max(means)) / 2  # clamps some layers, not all
+    assert min(means) < between < max(means)
+    for free_bits in (between, 1e4):
         model.config = cfg.replace(free_bits=free_bits)
         torch.manual_seed(1)
         out = model(images)
-        want = -log_px.mean() + sum(max(k.mean().item(), free_bits) for k in kls)
-        assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+        want = -log_px.mean().item() + sum(max(k.mean().item(), free_bits) for k in kls)
+        assert out["loss"].item() == pytest.approx(want, rel=1e-6)
     assert out["loss"].item() == pytest.approx(-log_px.mean().item() + cfg.depth * 1e4, rel=1e-6)
+    model.config = cfg.replace(free_bits=0.0)  # no clamp, not even at 0: a layer's KL sample may be negative
+    torch.manual_seed(1)
+    out = model(images)
+    assert out["loss"].item() == pytest.approx(-log_px.mean().item() + sum(k.mean().item() for k in kls), rel=1e-6)
+    assert out["loss"].item() == pytest.approx((out["recon"] + out["kl"]).item(), rel=1e-6)
 
 
 def test_forward_bpd_equals_log_weights_with_one_sample_and_is_deterministic() -> None:

@@ -1,19 +1,19 @@
-"""Two "nodes" on loopback: the SLURM recipe of docs/pipeline.md, run on 127.0.0.1, trains like one node.
+"""Two "nodes" on loopback: the SLURM recipe of docs/pipeline.md, run on 127.0.0.1, trains like one process.
 
 A tiny study's train stage (one seed of one density model, 2 steps, a validation and a checkpoint)
-runs twice through `dvc repro --single-item`, as the recipe's sbatch script runs it: once with the
-single-node launcher ``torchrun --standalone --nproc_per_node=2``, and once with the launcher of the
-cluster recipe, copied verbatim from docs/pipeline.md (``srun … torchrun --nnodes=$SLURM_NNODES …
---rdzv_backend=c10d --rdzv_endpoint=$HEAD:$RDZV_PORT``). A stand-in ``srun`` on PATH starts that
-torchrun once per "node" on this machine (as srun does once per node) with the variables of a
-two-node allocation, each node one rank (gloo on CPU): two torchrun agents meeting through c10d
-rendezvous on 127.0.0.1. Both jobs are 2 ranks of the same global batch, so they must agree to float
-rounding: final weights, checkpoint, metrics file; and the two-node job writes one MLflow run.
+runs twice through `dvc repro --single-item`, as the recipe's sbatch script runs it: once as one
+process (``study.launcher: python``), and once with the launcher of the cluster recipe, copied
+verbatim from docs/pipeline.md (``srun … torchrun --nnodes=$SLURM_NNODES … --rdzv_backend=c10d
+--rdzv_endpoint=$HEAD:$RDZV_PORT``). A stand-in ``srun`` on PATH starts that torchrun once per "node"
+on this machine (as srun does once per node) with the variables of a two-node allocation, each node
+one rank (gloo on CPU): two torchrun agents meeting through c10d rendezvous on 127.0.0.1. Both jobs
+train on the same global batches with the same posterior noise and flips (drawn per image by the
+trainer, tests/test_training_noise.py), so they must agree to float rounding: final weights,
+checkpoint, metrics file; and the two-node job writes one MLflow run.
 
-The reference is a 2-rank job, not one process: the HVAE draws its posterior noise on each rank from
-that rank's seed (``sdn.distributed.rank_seed``), so a 1-process run of the same global batch trains
-on other noise and its weights differ by ~lr (0.02 after 4 steps at lr 0.01, measured). That world size
-changes nothing but rounding for a model without random draws is tests/test_accumulation.py.
+The tiny study trains the plain ELBO (``free_bits: 0``): free bits clamp each rank's batch-mean KL,
+the one term of the objective that depends on how the global batch is split (as in the official code,
+per GPU).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def tiny_study(workspace: Path) -> None:
         p["study"]["density"]["models"] = [RUN[1]]
         d = p["density"][RUN[0]]
         d["models"] = {RUN[1]: {}}
+        d["overrides"]["free_bits"] = 0.0
         d["train"].update(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_every=2, micro_batch_size=None)
 
     harness.edit_params(workspace, edit)
@@ -89,6 +90,15 @@ def outputs(workspace: Path) -> dict:
     }
 
 
+def leaves(tree, prefix: str = ""):
+    """(dotted name, tensor or number) of every leaf of nested mappings (a checkpoint's state dicts)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def with_launcher(base: Path, dest: Path, launcher: str) -> Path:
     """A copy of the prepared workspace ``base`` whose study runs under ``launcher``."""
     shutil.copytree(base, dest, symlinks=True)
@@ -105,16 +115,16 @@ def test_team_docs_show_the_recipes_launcher():
 
 
 @pytest.mark.slow
-def test_two_nodes_on_loopback_train_like_one_node(tmp_path):
+def test_two_nodes_on_loopback_train_like_one_process(tmp_path):
     launcher = recipe_launcher()
     stage = f"train_density@{RUN[0]}-{RUN[1]}"
     base = harness.make_workspace(tmp_path / "base")
     tiny_study(base)
     harness.dvc(base, "repro", f"prepare_embedded@{RUN[0]}")  # validate and prepare once for both jobs
 
-    # the reference: one node, two ranks (the documented single-node launcher)
-    one_node = with_launcher(base, tmp_path / "one_node", "torchrun --standalone --nproc_per_node=2")
-    harness.dvc(one_node, "repro", "--single-item", stage)
+    # the reference: one process
+    one_process = with_launcher(base, tmp_path / "one_process", "python")
+    harness.dvc(one_process, "repro", "--single-item", stage)
 
     # two nodes: the sbatch script's command (docs/pipeline.md) in an allocation of two nodes
     nodes = with_launcher(base, tmp_path / "nodes", launcher)
@@ -128,12 +138,20 @@ def test_two_nodes_on_loopback_train_like_one_node(tmp_path):
                   "SLURM_JOB_ID": "4242", "SDN_PG_TIMEOUT_S": "120"}  # a rank left alone fails, not hangs
     harness.dvc(nodes, "repro", "--single-item", stage, extra_env=allocation)
 
-    want, got = outputs(one_node), outputs(nodes)
-    assert want["world_size"] == got["world_size"] == 2  # one job of two ranks each, not two jobs of one
+    want, got = outputs(one_process), outputs(nodes)
+    assert (want["world_size"], got["world_size"]) == (1, 2)  # one job of two ranks, not two jobs of one
+    # Adamax's first steps move each weight by about lr (0.01) in the direction of its gradient's sign,
+    # so a gradient entry within rounding of 0 may move a few weights by up to ~1e-4 (7.5e-5, 1 of
+    # ~10^5 measured): all but 1 in 10^4 agree to 1e-5, none by more than lr / 20 (other noise: ~lr).
     for kind in ("weights", "checkpoint"):
         assert got[kind].keys() == want[kind].keys() and want[kind]
-        for key, value in want[kind].items():
-            torch.testing.assert_close(got[kind][key], value, rtol=0, atol=1e-5, msg=f"{kind} {key}")
+        differing = total = 0
+        got_leaves = dict(leaves(got[kind]))
+        for key, value in leaves(want[kind]):
+            diff = (torch.as_tensor(got_leaves[key]).double() - torch.as_tensor(value).double()).abs()
+            assert float(diff.max()) <= 5e-4, f"{kind} {key}: {float(diff.max())}"
+            differing, total = differing + int((diff > 1e-5).sum()), total + diff.numel()
+        assert differing <= total / 10_000, f"{kind}: {differing} of {total} values differ by more than 1e-5"
     assert got["metrics"].keys() == want["metrics"].keys()
     assert got["metrics"] == pytest.approx(want["metrics"], rel=1e-5)
 

@@ -45,6 +45,8 @@ class HVAEConfig(ConfigBase):
     h_size: PositiveInt = 200
     z_size: PositiveInt = 4
     iaf_context: PositiveInt = 100
+    # Free bits act on each layer's KL mean over the micro-batch of one rank (the official per-GPU batch),
+    # the one term of the objective that depends on how a global batch is split; 0: no clamp (plain ELBO).
     free_bits: Annotated[FiniteFloat, Field(ge=0)] = 0.01
     mixtures: PositiveInt = 5
     sdn_min_scale: NonNegInt = 0
@@ -292,12 +294,17 @@ class HierarchicalVAE(nn.Module):
         sizes = [z * h * w for z, h, w in self.noise_shapes]
         return [part.view(-1, *shape) for part, shape in zip(noise.split(sizes, dim=1), self.noise_shapes)]
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Batch-mean training objective (nats/image, free bits per layer) and ELBO diagnostics."""
-        log_px, kls = self._elbo_terms(images)
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Batch-mean training objective (nats/image, free bits per layer) and ELBO diagnostics; the
+        posterior sample of image b uses ``noise[b]`` (B, ``posterior_noise_size``) when given (the
+        trainer draws it per image), else noise from the global RNG."""
+        log_px, kls = self._elbo_terms(images, noise=noise)
         kl = torch.stack(kls).sum(dim=0)
         recon = -log_px.mean()
-        kl_objective = sum(torch.clamp(k.mean(), min=self.config.free_bits) for k in kls)
+        if self.config.free_bits > 0:
+            kl_objective = sum(torch.clamp(k.mean(), min=self.config.free_bits) for k in kls)
+        else:  # the plain ELBO: a sum over images, so any split of a batch gives the same gradient
+            kl_objective = kl.mean()
         return {
             "loss": recon + kl_objective,
             "bpd": nats_to_bpd((recon + kl.mean()).detach(), self.config.num_dims),

@@ -148,14 +148,24 @@ class VanillaVAE(nn.Module):
         return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
 
     # -- contract ------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Batch-mean loss (recon NLL + beta*KL, nats/image) plus recon, kl, elbo, bpd and beta."""
+    @property
+    def posterior_noise_size(self) -> int:
+        """Standard normal values one posterior sample uses (the latent size)."""
+        return self.config.z_dim
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Batch-mean loss (recon NLL + beta*KL, nats/image) plus recon, kl, elbo, bpd and beta; the
+        posterior sample of image b uses ``noise[b]`` (B, z_dim) when given, else the global RNG."""
         if self.training:
             self.step += 1
         mean, logvar = self.encode(images)
         # The objective is computed in float32 even under bf16 autocast (sums over 12k pixels).
         mean, logvar = mean.float(), logvar.float()
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        if noise is None:
+            noise = torch.randn_like(mean)
+        elif noise.shape != mean.shape:
+            raise ValueError(f"posterior noise must be {tuple(mean.shape)}, got {tuple(noise.shape)}")
+        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         recon = -self.likelihood.log_prob(self.decode(z).float(), images.to(mean.device))
         kl = self.kl_to_standard_normal(mean, logvar)
         beta = self.current_beta()
