@@ -26,7 +26,7 @@ import torch.distributed as dist
 from pipelines.study import Run, RunPaths, Study, run_stage
 from sdn import memory_plan
 from sdn.callbacks import CurveWriter
-from sdn.checkpoint import has_checkpoint, remove_other_checkpoints, run_checkpoint_dir
+from sdn.checkpoint import has_checkpoint, remove_other_checkpoints, run_checkpoint_dir, source_fingerprint
 from sdn.data.augment import RandomHFlip
 from sdn.distributed import barrier, setup_distributed
 from sdn.images import save_image_grid
@@ -76,6 +76,16 @@ def check_memory_plan(study: Study, run: Run, train_config, available_bytes: int
     return plan
 
 
+# The code a training run executes and whose edits may change its weights (the library and the baselines).
+TRAINING_CODE = ("sdn", "baselines")
+
+
+def training_code_fingerprint() -> str:
+    """The fingerprint (``sdn.checkpoint.source_fingerprint``) of the :data:`TRAINING_CODE` packages."""
+    root = Path(__file__).resolve().parents[1]
+    return source_fingerprint([p for package in TRAINING_CODE for p in (root / package).rglob("*.py")], root)
+
+
 def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     """Train (or resume, or just re-export a finished) ``run`` and write its outputs."""
     rank = int(os.environ.get("RANK", "0"))
@@ -93,9 +103,10 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     num_params = count_parameters(model)
 
     # The model directory is a persistent DVC output: an interrupted run resumes from the checkpoint
-    # of exactly this configuration, a changed configuration starts afresh. The curve is kept beside
-    # the checkpoint (DVC deletes the plots file before a rerun) and copied out when training ends.
-    checkpoint_dir = run_checkpoint_dir(paths.model_dir, study.resolved(run))
+    # of exactly this configuration and training code, a changed configuration or an edit to the
+    # library's code (not its comments or docstrings) starts afresh. The curve is kept beside the
+    # checkpoint (DVC deletes the plots file before a rerun) and copied out when training ends.
+    checkpoint_dir = run_checkpoint_dir(paths.model_dir, {**study.resolved(run), "code": training_code_fingerprint()})
     curve = checkpoint_dir / "curve.csv"
     tracker = mlflow_run = callback = None
     if rank == 0:

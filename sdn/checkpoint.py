@@ -12,6 +12,7 @@ falls back to the previous checkpoint (``sdn.training``).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import pickle
 import random
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,22 @@ def config_fingerprint(config: Any) -> str:
     """A short stable hash of a JSON-able run configuration (dict keys sorted)."""
     text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def source_fingerprint(files: Iterable[str | os.PathLike[str]], root: str | os.PathLike[str]) -> str:
+    """A short hash of what the Python ``files`` compute: their syntax trees without docstrings, so an
+    edit to comments, docstrings or formatting keeps the hash and any other edit changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(f) for f in files):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def run_checkpoint_dir(root: str | os.PathLike[str], config: Any) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sdn.checkpoint import config_fingerprint, remove_other_checkpoints, run_checkpoint_dir
 
 
@@ -24,3 +26,38 @@ def test_changed_config_gets_a_fresh_directory_and_stale_ones_are_removed(tmp_pa
         (d / "checkpoint.pt").write_bytes(b"x")
     assert remove_other_checkpoints(new) == [old]
     assert not old.exists() and (new / "checkpoint.pt").exists()
+
+
+def test_source_fingerprint_ignores_comments_docstrings_and_formatting_only(tmp_path):
+    from sdn.checkpoint import source_fingerprint
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    module = package / "layer.py"
+    original = '"""A layer."""\n\n\ndef scale(x):\n    """Twice x."""\n    return 2 * x\n\n\nclass A:\n    """Doc."""\n    k = 1\n'
+    module.write_text(original)
+    (package / "other.py").write_text("y = 1\n")
+    before = source_fingerprint([module, package / "other.py"], tmp_path)
+    assert len(before) == 16 and before == source_fingerprint([package / "other.py", module], tmp_path)
+    cosmetic = original.replace('"""Twice x."""', '"""Two times x, reworded."""').replace(
+        "return 2 * x", "return 2*x  # a comment").replace('"""A layer."""', '"""Another text."""')
+    module.write_text(cosmetic)
+    assert source_fingerprint([module, package / "other.py"], tmp_path) == before
+    for edit in (original.replace("return 2 * x", "return 3 * x"), original.replace("k = 1", "k = 2"),
+                 original.replace('    """Twice x."""\n', '    """Twice x."""\n    x = x + 0\n')):
+        module.write_text(edit)
+        assert source_fingerprint([module, package / "other.py"], tmp_path) != before
+    module.write_text(original)
+    (package / "other.py").write_text("y = 2\n")
+    assert source_fingerprint([module, package / "other.py"], tmp_path) != before
+
+
+def test_training_code_is_the_library_and_the_baselines():
+    """What the train stage puts in its checkpoint key: every module of sdn/ and baselines/."""
+    from pipelines import train as train_stage
+    from sdn.checkpoint import source_fingerprint
+
+    root = Path(train_stage.__file__).resolve().parents[1]
+    files = [*(root / "sdn").rglob("*.py"), *(root / "baselines").rglob("*.py")]
+    assert any(f.name == "hvae.py" for f in files) and any(f.name == "cnn.py" for f in files)
+    assert train_stage.training_code_fingerprint() == source_fingerprint(files, root)
