@@ -626,21 +626,25 @@ class TrainingRun:
 
 
 def open_training_run(tracker: Tracker, checkpoint_dir: Path, key: RunKey, params: Mapping[str, Any],
-                      tags: Mapping[str, str]) -> TrainingRun:
+                      tags: Mapping[str, str], weights: Optional[Path] = None) -> TrainingRun:
     """The run of the training whose checkpoint folder is ``checkpoint_dir``.
 
     When the folder exists, the newest run tagged with it on this host (:func:`runs_trained_in`) is
     its run: one that finished is reused as is (the stage only re-exports), an interrupted one
-    (RUNNING after a SIGKILL, FAILED, KILLED) is reopened and continues. Otherwise a new run is
-    created, tagged with the folder and the configuration fingerprint (its name). Runs of sibling
-    checkpoint folders (stale configurations the stage is about to delete) still RUNNING are marked
-    KILLED.
+    (RUNNING after a SIGKILL, FAILED, KILLED) is reopened and continues. A folder no run names
+    (a copied or moved clone) is a finished run's when the exported ``weights`` and the configuration
+    are that run's. Otherwise a new run is created, tagged with the folder and the configuration
+    fingerprint (its name). Runs of sibling checkpoint folders (stale configurations the stage is
+    about to delete) still RUNNING are marked KILLED.
     """
     checkpoint_dir = Path(checkpoint_dir).resolve()
     for other in {Path(r.data.tags.get(CHECKPOINT_TAG, "")) for r in _runs_on_this_host(tracker, key)}:
         if other.parent == checkpoint_dir.parent and other != checkpoint_dir:
             abandon_run_in(tracker, key, other)
     found = runs_trained_in(tracker, key, checkpoint_dir) if checkpoint_dir.is_dir() else []
+    if not found and checkpoint_dir.is_dir() and weights is not None and Path(weights).is_file():
+        same = tracker.runs_with(key, **{WEIGHTS_TAG: weights_digest(weights), CONFIG_TAG: checkpoint_dir.name})
+        found = [r for r in same if r.info.status == "FINISHED"]
     if found:
         run = found[0]
         if run.info.status == "FINISHED":

@@ -118,6 +118,7 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
         mlflow_run = open_training_run(
             tracker, checkpoint_dir, tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
             {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
+            weights=paths.weights,
         )
         callback = MlflowCallback(tracker, mlflow_run.run_id)
         callbacks = [CurveWriter(curve)] + ([callback] if mlflow_run.mode != "finished" else [])

@@ -253,9 +253,16 @@ def test_open_training_run_new_resumed_finished_and_stale(tracker, tmp_path):
     done = tracking.open_training_run(tracker, ckpts / "cfg", key, {}, {})
     assert (done.run_id, done.mode) == (first.run_id, "finished")
     assert tracker.status(first.run_id) == "FINISHED"
-    # The same configuration trained in another folder (another clone) is another run.
-    (tmp_path / "clone" / "checkpoints" / "cfg").mkdir(parents=True)
-    elsewhere = tracking.open_training_run(tracker, tmp_path / "clone" / "checkpoints" / "cfg", key, {}, {})
+    # A copy of the workspace (another folder) re-exporting the weights the run exported: that run.
+    copy = tmp_path / "copy" / "seed1"
+    (copy / "checkpoints" / "cfg").mkdir(parents=True)
+    exported = _weights(copy / tracking.WEIGHTS_FILE, b"weights of cfg")
+    tracker.client.set_tag(first.run_id, tracking.WEIGHTS_TAG, hashlib.sha256(b"weights of cfg").hexdigest())
+    copied = tracking.open_training_run(tracker, copy / "checkpoints" / "cfg", key, {}, {}, weights=exported)
+    assert (copied.run_id, copied.mode) == (first.run_id, "finished")
+    # The same configuration trained in another folder (another clone) with other weights: another run.
+    exported.write_bytes(b"other weights")
+    elsewhere = tracking.open_training_run(tracker, copy / "checkpoints" / "cfg", key, {}, {}, weights=exported)
     assert elsewhere.mode == "new" and elsewhere.run_id != first.run_id
     assert tracker.status(first.run_id) == "FINISHED"
 
