@@ -576,15 +576,20 @@ class Tracker:
 
     def run_of_model(self, weights: Path, key: RunKey, params: Mapping[str, Any],
                      tags: Mapping[str, str]) -> str:
-        """The run that trained the weights file ``weights`` (evaluate and fid log into it): the run of
-        ``key`` tagged with its sha256, the one of this DVC experiment first, else the newest. Weights
-        no run of this store trained (e.g. pulled from a DVC remote) get a new run saying so, which
-        the next stage finds by the same tag."""
+        """The run that trained the weights file ``weights`` (evaluate and fid log into it): of the runs
+        of ``key`` tagged with its sha256 (several when identical studies ran), the one that trained
+        beside it (its checkpoint folder under the weights' folder, on this host), else the one of
+        this DVC experiment, else the newest. Weights no run of this store trained (e.g. pulled from a
+        DVC remote) get a new run saying so, which the next stage finds by the same tag."""
         digest = weights_digest(weights)
         runs = self.runs_with(key, **{WEIGHTS_TAG: digest})
         if runs:
-            here = os.environ.get("DVC_EXP_NAME", "workspace")
-            run = next((r for r in runs if r.data.tags.get("dvc_experiment") == here), runs[0])
+            folder = str(Path(weights).resolve().parent) + os.sep
+            experiment = os.environ.get("DVC_EXP_NAME", "workspace")
+            run = min(runs, key=lambda r: (
+                not (r.data.tags.get("host") == platform.node()
+                     and r.data.tags.get(CHECKPOINT_TAG, "").startswith(folder)),
+                r.data.tags.get("dvc_experiment") != experiment))  # min keeps the newest of equals
             for name, value in tags.items():
                 self.client.set_tag(run.info.run_id, name, str(value))
             return run.info.run_id

@@ -4,9 +4,9 @@ Per run: the trainer checkpoint and the weights evaluation uses, a sample grid (
 reconstructions), the training curve (DVC plots) and a metrics file, all logged to the run's MLflow
 run (``pipelines.tracking``: created here and tagged with the checkpoint folder and, once exported,
 the sha256 of ``eval_weights.pt``, by which the later stages find it; no output names the run, so
-a rerun reproduces every DVC hash; an interrupted training resumes its checkpoint and its run). Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works
-unchanged under ``torchrun`` (every rank trains; rank 0 writes files and tracks): the other ranks
-wait in a barrier (``sdn.distributed.PROCESS_GROUP_TIMEOUT``) while rank 0 prepares a run and while
+a rerun reproduces every DVC hash; an interrupted training resumes its checkpoint and its run).
+Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works unchanged under
+``torchrun`` (every rank trains; rank 0 writes files and tracks): the other ranks wait in a barrier (``sdn.distributed.PROCESS_GROUP_TIMEOUT``) while rank 0 prepares a run and while
 it exports one, never in a collective of the trainer under a shorter watchdog.
 """
 

@@ -198,6 +198,10 @@ def test_later_stages_log_into_the_finished_run_without_moving_its_end(tracker, 
     assert tracker.run_of_model(weights, key, {}, {}) == twin
     monkeypatch.delenv("DVC_EXP_NAME")
     assert tracker.run_of_model(weights, key, {}, {"study": "test"}) == run_id
+    # ... and the run that trained beside the weights (its checkpoint folder there) comes first.
+    tracker.client.set_tag(twin, tracking.CHECKPOINT_TAG, str((weights.parent / "checkpoints" / "cfg").resolve()))
+    assert tracker.run_of_model(weights, key, {}, {}) == twin
+    tracker.client.set_tag(twin, tracking.CHECKPOINT_TAG, "/elsewhere/checkpoints/cfg")
     tracker.log_metrics(run_id, {"test/iw_bpd": 2.5})  # MLflow accepts metrics on a finished run
     tracker.stage_done(run_id, "evaluate", "density")
     run = tracker.client.get_run(run_id)
