@@ -6,8 +6,9 @@ run (``pipelines.tracking``: created here and tagged with the checkpoint folder 
 the sha256 of ``eval_weights.pt``, by which the later stages find it; no output names the run, so
 a rerun reproduces every DVC hash; an interrupted training resumes its checkpoint and its run).
 Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works unchanged under
-``torchrun`` (every rank trains; rank 0 writes files and tracks): the other ranks wait in a barrier (``sdn.distributed.PROCESS_GROUP_TIMEOUT``) while rank 0 prepares a run and while
-it exports one, never in a collective of the trainer under a shorter watchdog.
+``torchrun`` (every rank trains; rank 0 writes files and tracks): the other ranks wait in a barrier
+(``sdn.distributed.PROCESS_GROUP_TIMEOUT``) while rank 0 prepares a run and while it exports one,
+never in a collective of the trainer under a shorter watchdog.
 """
 
 from __future__ import annotations
