@@ -4,7 +4,7 @@ The family scores the model (``pipelines.families``): density, ELBO and importan
 bits/dim on the test split and the train − test gap; disentanglement, the disentanglement_lib
 metrics of the encoder mean and the number of active latent dimensions.
 Writes a DVC metrics file per run and logs it as ``test/<key>`` into the run's MLflow run, the one
-the train stage named in ``mlflow_run.json`` of the run's model folder (this stage's dependency); seeds
+that trained the evaluation weights (this stage's dependency; found by their sha256, ``pipelines.tracking``); seeds
 run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Under ``study.launcher`` torchrun the
 ranks share each run's images (``sdn.scores.evaluate_bpd``); rank 0 writes and logs.
 """
@@ -35,7 +35,7 @@ def evaluate_run(study: Study, run: Run, paths: RunPaths) -> None:
     tracker = run_id = None
     if ctx.is_main:
         tracker = Tracker.for_family(study.name, run.family)
-        run_id = tracker.run_of_model(paths.model_dir, tracker.key(run.dataset, run.model, run.seed),
+        run_id = tracker.run_of_model(paths.weights, tracker.key(run.dataset, run.model, run.seed),
                                       study.resolved(run), {"family": run.family, "study": study.name})
     barrier(ctx)
     try:

@@ -23,7 +23,7 @@ from sdn.metrics.fid import compute_model_fid
 def fid_run(study: Study, run: Run, paths: RunPaths) -> None:
     """FID of ``run``'s samples against the dataset's reference statistics (or n/a with the
     reason), written and logged (``fid/fid``, ``fid/kid``, ``fid/kid_std`` into the run's MLflow
-    run, named in ``mlflow_run.json`` of its model folder). Under torchrun every rank samples its
+    run, the one that trained the weights: ``Tracker.run_of_model``). Under torchrun every rank samples its
     share; rank 0 alone writes and tracks, between barriers."""
     from pipelines.tracking import Tracker
 
@@ -31,7 +31,7 @@ def fid_run(study: Study, run: Run, paths: RunPaths) -> None:
     tracker = run_id = None
     if ctx.is_main:
         tracker = Tracker.for_family(study.name, run.family)
-        run_id = tracker.run_of_model(paths.model_dir, tracker.key(run.dataset, run.model, run.seed),
+        run_id = tracker.run_of_model(paths.weights, tracker.key(run.dataset, run.model, run.seed),
                                       study.resolved(run), {"family": run.family, "study": study.name})
     barrier(ctx)
     try:

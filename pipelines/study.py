@@ -346,8 +346,8 @@ def protected_outputs(dirs: StageDirs, whole: bool, resumable: tuple[str, ...] =
     (``.<name>.staging-<pid>``); when the body succeeds the staging folder replaces the output
     folder (``whole``: the stage made every file of it) or its files are moved in (one ``--seed``),
     and when it fails it is dropped. A ``resumable`` folder (the models: checkpoints a rerun resumes
-    from) is written in place; the files directly in its per-seed folders (evaluation weights, the
-    run file) are copied aside first and put back if the body fails. Leftovers of a stage that was
+    from) is written in place; the files directly in its per-seed folders (the evaluation
+    weights) are copied aside first and put back if the body fails. Leftovers of a stage that was
     killed are undone first. Inside the seed processes of a staged stage, and on ranks other than 0
     (which write no outputs), the folders are used as given.
     """

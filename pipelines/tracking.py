@@ -2,12 +2,16 @@
 
 * One experiment per study family, ``sdn-<study>-<family>`` (:func:`experiment_name`), whose
   description (tag ``mlflow.note.content``) says what its runs are and where their numbers come from.
-* One run per trained (dataset, model, seed): the train stage creates it and records its id in the
-  run's own DVC outputs (:data:`RUN_FILE` in the checkpoint folder while training, and beside
-  ``eval_weights.pt`` when done); the evaluate and fid stages read the id from that dependency and
-  log into exactly that run. Nothing looks a run up by tags.
-* An interrupted training run (SIGKILL, crash) is reopened by the rerun that resumes its checkpoint:
-  same run, the curve steps already in the store are not logged twice.
+* One run per trained (dataset, model, seed). No DVC output names it (a run id is random: a rerun
+  of the same study must give the same ``dvc.lock``); the store links runs and files by tags. The
+  train stage tags its run with the checkpoint folder it trains in (:data:`CHECKPOINT_TAG`, with
+  ``host``; :data:`CONFIG_TAG` its configuration fingerprint) and, once exported, with the sha256 of
+  ``eval_weights.pt`` (:data:`WEIGHTS_TAG`); the evaluate and fid stages log into the run that
+  trained the weights they read (:meth:`Tracker.run_of_model`), preferring the run of their own
+  DVC experiment.
+* An interrupted training run (SIGKILL, crash) is reopened by the rerun that resumes its checkpoint
+  (the run tagged with that checkpoint folder on this host): same run, the curve steps already in
+  the store are not logged twice.
 * Artifacts: experiments get ``mlflow-artifacts:/<experiment>`` as artifact location, which this
   module resolves against the store's folder (``<root>/mlartifacts/<experiment>/...``) and which
   ``mlflow server`` (cwd = that folder) serves: no absolute path is stored, a moved clone keeps
@@ -50,6 +54,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.provenance import package_versions
+from sdn.data.hashing import file_digests  # noqa: E402
 from pipelines.runs import experiment_name  # noqa: E402
 from sdn.callbacks import EVAL_PREFIX, Callback  # noqa: E402
 
@@ -57,9 +62,11 @@ ROOT_ENV = "SDN_REPO_ROOT"
 DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 ARTIFACT_SCHEME = "mlflow-artifacts:"
-# The file (in the checkpoint folder while training, in the run's model folder when done) that
-# names the run's MLflow run: a DVC output of the train stage, a dependency of evaluate and fid.
-RUN_FILE = "mlflow_run.json"
+# The tags that link a run to the files of its training (no DVC output names a run):
+CONFIG_TAG = "config_hash"  # the checkpoint folder's name: the fingerprint of the run's resolved configuration
+CHECKPOINT_TAG = "checkpoint_dir"  # the checkpoint folder's absolute path on ``host``: the training it resumes
+WEIGHTS_TAG = "weights_sha256"  # sha256 of the exported ``eval_weights.pt``: what evaluate and fid find it by
+WEIGHTS_FILE = "eval_weights.pt"  # the name of the evaluation weights (pipelines.runs.RunPaths.weights)
 # The training curve the train stage keeps beside the checkpoint (read back to complete a run).
 CURVE_FILE = "curve.csv"
 KEY_TAGS = ("dataset", "model", "seed")
@@ -191,32 +198,9 @@ def git_state(cwd: Optional[Path] = None) -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": dirty}
 
 
-def write_run_file(path: Path, run_id: str, experiment: str, experiment_id: str) -> Path:
-    """Atomically write the run file ``path`` naming ``run_id`` (JSON, sorted keys)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"run_id": run_id, "experiment": experiment, "experiment_id": experiment_id},
-                      indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_run_file(path: Path) -> Optional[dict[str, str]]:
-    """The run file's content, or None when it is missing or unreadable."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("run_id") else None
+def weights_digest(path: Path) -> str:
+    """sha256 of a weights file: the content key that links a trained model to its MLflow run."""
+    return file_digests(path, ("sha256",), progress=False)["sha256"]
 
 
 @dataclass(frozen=True)
@@ -583,17 +567,34 @@ class Tracker:
         if all(tags.get(f"done_{s}") == "true" for s in needed):
             self.client.set_tag(run_id, COMPLETE_TAG, "true")
 
-    def run_of_model(self, model_dir: Path, key: RunKey, params: Mapping[str, Any],
+    def runs_with(self, key: RunKey, **tags: str) -> list:
+        """The runs of ``key`` whose tags have these (quote-free) values, newest first; [] when the store is gone."""
+        extra = "".join(f" and tags.{name} = '{value}'" for name, value in tags.items())
+        return list(self.client.search_runs(
+            [self.experiment_id], filter_string=key.filter_string() + extra,
+            order_by=["attributes.start_time DESC"], max_results=1000) or ())
+
+    def run_of_model(self, weights: Path, key: RunKey, params: Mapping[str, Any],
                      tags: Mapping[str, str]) -> str:
-        """The run the train stage recorded in ``model_dir`` (evaluate and fid log into it). A model
-        folder without one (written before runs were recorded) gets a new run saying so."""
-        recorded = read_run_file(Path(model_dir) / RUN_FILE)
-        if recorded is not None and self.get_run(recorded["run_id"]) is not None:
+        """The run that trained the weights file ``weights`` (evaluate and fid log into it): of the runs
+        of ``key`` tagged with its sha256 (several when identical studies ran), the one that trained
+        beside it (its checkpoint folder under the weights' folder, on this host), else the one of
+        this DVC experiment, else the newest. Weights no run of this store trained (e.g. pulled from a
+        DVC remote) get a new run saying so, which the next stage finds by the same tag."""
+        digest = weights_digest(weights)
+        runs = self.runs_with(key, **{WEIGHTS_TAG: digest})
+        if runs:
+            folder = str(Path(weights).resolve().parent) + os.sep
+            experiment = os.environ.get("DVC_EXP_NAME", "workspace")
+            run = min(runs, key=lambda r: (
+                not (r.data.tags.get("host") == platform.node()
+                     and r.data.tags.get(CHECKPOINT_TAG, "").startswith(folder)),
+                r.data.tags.get("dvc_experiment") != experiment))  # min keeps the newest of equals
             for name, value in tags.items():
-                self.client.set_tag(recorded["run_id"], name, str(value))
-            return recorded["run_id"]
-        why = f"{Path(model_dir) / RUN_FILE} names no run of this store"
-        run_id = self.new_run(key, params, {**tags, "note": why})
+                self.client.set_tag(run.info.run_id, name, str(value))
+            return run.info.run_id
+        why = f"no run of this store trained {weights} (sha256 {digest})"
+        run_id = self.new_run(key, params, {**tags, WEIGHTS_TAG: digest, "note": why})
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
@@ -630,32 +631,46 @@ class TrainingRun:
 
 
 def open_training_run(tracker: Tracker, checkpoint_dir: Path, key: RunKey, params: Mapping[str, Any],
-                      tags: Mapping[str, str]) -> TrainingRun:
+                      tags: Mapping[str, str], weights: Optional[Path] = None) -> TrainingRun:
     """The run of the training whose checkpoint folder is ``checkpoint_dir``.
 
-    The run file beside the checkpoint names it: a run that finished is reused as is (the stage only
-    re-exports), an interrupted one (RUNNING after a SIGKILL, FAILED, KILLED) is reopened and
-    continues; otherwise a new run is created and recorded there before training starts. Runs
-    recorded in sibling checkpoint folders (stale configurations the stage is about to delete) that
-    are still RUNNING are marked KILLED.
+    When the folder exists, the newest run tagged with it on this host (:func:`runs_trained_in`) is
+    its run: one that finished is reused as is (the stage only re-exports), an interrupted one
+    (RUNNING after a SIGKILL, FAILED, KILLED) is reopened and continues. A folder no run names
+    (a copied or moved clone) is a finished run's when the exported ``weights`` and the configuration
+    are that run's. Otherwise a new run is created, tagged with the folder and the configuration
+    fingerprint (its name). Runs of sibling checkpoint folders (stale configurations the stage is
+    about to delete) still RUNNING are marked KILLED.
     """
-    checkpoint_dir = Path(checkpoint_dir)
-    if checkpoint_dir.parent.is_dir():
-        for other in checkpoint_dir.parent.iterdir():
-            if other != checkpoint_dir:
-                abandon_run_in(tracker, other)
-    recorded = read_run_file(checkpoint_dir / RUN_FILE)
-    run = tracker.get_run(recorded["run_id"]) if recorded else None
-    if run is not None and run.info.experiment_id == tracker.experiment_id:
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    for other in {Path(r.data.tags.get(CHECKPOINT_TAG, "")) for r in _runs_on_this_host(tracker, key)}:
+        if other.parent == checkpoint_dir.parent and other != checkpoint_dir:
+            abandon_run_in(tracker, key, other)
+    found = runs_trained_in(tracker, key, checkpoint_dir) if checkpoint_dir.is_dir() else []
+    if not found and checkpoint_dir.is_dir() and weights is not None and Path(weights).is_file():
+        same = tracker.runs_with(key, **{WEIGHTS_TAG: weights_digest(weights), CONFIG_TAG: checkpoint_dir.name})
+        found = [r for r in same if r.info.status == "FINISHED"]
+    if found:
+        run = found[0]
         if run.info.status == "FINISHED":
             return TrainingRun(run.info.run_id, "finished")
         tracker.reopen(run.info.run_id)
         tracker.client.set_tag(run.info.run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
         backfill_curve(tracker, run.info.run_id, checkpoint_dir / CURVE_FILE)
         return TrainingRun(run.info.run_id, "resumed")
-    run_id = tracker.new_run(key, params, tags)
-    write_run_file(checkpoint_dir / RUN_FILE, run_id, tracker.experiment, tracker.experiment_id)
+    run_id = tracker.new_run(key, params, {**tags, CONFIG_TAG: checkpoint_dir.name,
+                                           CHECKPOINT_TAG: str(checkpoint_dir)})
     return TrainingRun(run_id, "new")
+
+
+def _runs_on_this_host(tracker: Tracker, key: RunKey) -> list:
+    return [r for r in tracker.runs_for(key) or () if r.data.tags.get("host") == platform.node()]
+
+
+def runs_trained_in(tracker: Tracker, key: RunKey, checkpoint_dir: Path) -> list:
+    """The runs of ``key`` that trained in the checkpoint folder ``checkpoint_dir`` of this host, newest first."""
+    folder = str(Path(checkpoint_dir).resolve())
+    return [r for r in _runs_on_this_host(tracker, key) if r.data.tags.get(CHECKPOINT_TAG) == folder]
 
 
 def backfill_curve(tracker: Tracker, run_id: str, curve: Path) -> int:
@@ -678,13 +693,13 @@ def backfill_curve(tracker: Tracker, run_id: str, curve: Path) -> int:
     return count
 
 
-def abandon_run_in(tracker: Tracker, folder: Path) -> None:
-    """Mark the run recorded in ``folder`` KILLED if it is still RUNNING (its checkpoint is being
-    discarded, so nothing will ever resume it)."""
-    recorded = read_run_file(Path(folder) / RUN_FILE)
-    if recorded and tracker.status(recorded["run_id"]) == "RUNNING":
-        tracker.client.set_tag(recorded["run_id"], "note", "checkpoint discarded before training finished")
-        tracker.finish(recorded["run_id"], "KILLED")
+def abandon_run_in(tracker: Tracker, key: RunKey, folder: Path) -> None:
+    """Mark the runs that trained in the checkpoint folder ``folder`` KILLED if still RUNNING (the
+    checkpoint is being discarded, so nothing will ever resume them)."""
+    for run in runs_trained_in(tracker, key, folder):
+        if run.info.status == "RUNNING":
+            tracker.client.set_tag(run.info.run_id, "note", "checkpoint discarded before training finished")
+            tracker.finish(run.info.run_id, "KILLED")
 
 
 class MlflowCallback(Callback):
@@ -745,16 +760,21 @@ def log_throughput(tracker: Tracker, run_id: str, steps: int, batch_size: int, s
     return rate
 
 
-def workspace_runs(results: Path) -> list[str]:
-    """The MLflow run ids the workspace's results were made by (every ``RUN_FILE`` beside a model's
-    evaluation weights under ``results``), sorted."""
-    ids = set()
-    for path in Path(results).rglob(RUN_FILE):
-        if "checkpoints" in path.relative_to(results).parts:
-            continue
-        recorded = read_run_file(path)
-        if recorded:
-            ids.add(recorded["run_id"])
+def workspace_runs(results: Path, uri: Optional[str] = None) -> list[str]:
+    """The MLflow run ids the workspace's results were made by: the runs of the store (``uri``,
+    default :func:`tracking_uri`) tagged with the sha256 of an ``eval_weights.pt`` under ``results``
+    (checkpoint folders aside), sorted."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return []
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    ids: set[str] = set()
+    for weights in sorted(Path(results).rglob(WEIGHTS_FILE)):
+        if experiments and "checkpoints" not in weights.relative_to(results).parts:
+            found = client.search_runs(experiments, f"tags.{WEIGHTS_TAG} = '{weights_digest(weights)}'",
+                                       max_results=1000)
+            ids.update(r.info.run_id for r in found)
     return sorted(ids)
 
 

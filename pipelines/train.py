@@ -2,11 +2,13 @@
 
 Per run: the trainer checkpoint and the weights evaluation uses, a sample grid (and, for VAEs,
 reconstructions), the training curve (DVC plots) and a metrics file, all logged to the run's MLflow
-run (``pipelines.tracking``: created here and named in ``mlflow_run.json`` beside the checkpoint and
-beside ``eval_weights.pt``; an interrupted training resumes its checkpoint and its run). Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works
-unchanged under ``torchrun`` (every rank trains; rank 0 writes files and tracks): the other ranks
-wait in a barrier (``sdn.distributed.PROCESS_GROUP_TIMEOUT``) while rank 0 prepares a run and while
-it exports one, never in a collective of the trainer under a shorter watchdog.
+run (``pipelines.tracking``: created here and tagged with the checkpoint folder and, once exported,
+the sha256 of ``eval_weights.pt``, by which the later stages find it; no output names the run, so
+a rerun reproduces every DVC hash; an interrupted training resumes its checkpoint and its run).
+Seeds run ``study.runs_at_once`` at a time (``pipelines.study.run_stage``). Works unchanged under
+``torchrun`` (every rank trains; rank 0 writes files and tracks): the other ranks wait in a barrier
+(``sdn.distributed.PROCESS_GROUP_TIMEOUT``) while rank 0 prepares a run and while it exports one,
+never in a collective of the trainer under a shorter watchdog.
 """
 
 from __future__ import annotations
@@ -117,17 +119,18 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
         print(f"train: {curve} is missing, retraining {run.stage_suffix} from scratch", file=sys.stderr)
         from pipelines.tracking import abandon_run_in
 
-        abandon_run_in(tracker, checkpoint_dir)
+        abandon_run_in(tracker, tracker.key(run.dataset, run.model, run.seed), checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
     callbacks = []
     if rank == 0:
         from pipelines.tracking import MlflowCallback, open_training_run
 
-        # The run is recorded beside the checkpoint before training starts: an interrupted
+        # The run is tagged with the checkpoint folder before training starts: an interrupted
         # training resumes its checkpoint and its MLflow run together.
         mlflow_run = open_training_run(
             tracker, checkpoint_dir, tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
             {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
+            weights=paths.weights,
         )
         callback = MlflowCallback(tracker, mlflow_run.run_id)
         callbacks = [CurveWriter(curve)] + ([callback] if mlflow_run.mode != "finished" else [])
@@ -153,7 +156,7 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
 def _export(study, run, paths, family, result, num_params, checkpoint_dir, curve, tracker, mlflow_run,
             callback, batch_size) -> None:
     """Rank 0 after training: the run's files (DVC outputs) and its MLflow metrics and artifacts."""
-    from pipelines.tracking import RUN_FILE, log_throughput, write_run_file
+    from pipelines.tracking import WEIGHTS_TAG, log_throughput, weights_digest
 
     for path in (paths.samples, paths.train_metrics, paths.curve):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,10 +181,10 @@ def _export(study, run, paths, family, result, num_params, checkpoint_dir, curve
         metrics.update({f"selected_validation_{k}": float(v) for k, v in result.best["metrics"].items()})
     paths.train_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
-    # Evaluate and fid find the run here (their dependency); a rerun that only re-exports a
-    # finished run logs nothing again and leaves its end time (= its training time) as it was.
+    # Evaluate and fid find the run by the weights' hash (their dependency); a rerun that only
+    # re-exports a finished run logs nothing else again and leaves its end time (= its training time).
     run_id = mlflow_run.run_id
-    write_run_file(paths.model_dir / RUN_FILE, run_id, tracker.experiment, tracker.experiment_id)
+    tracker.client.set_tag(run_id, WEIGHTS_TAG, weights_digest(paths.weights))
     if mlflow_run.mode == "finished":
         return
     if callback.seconds is None:  # resumed at the last checkpoint: nothing was trained in this process

@@ -1,12 +1,16 @@
 """Two queued DVC experiments run in parallel (`dvc queue start -j 2`) on the tiny workspace: every
 MLflow run of each experiment holds exactly that experiment's numbers (its own DVC metrics files,
-value for value), and is found by its DVC experiment's name."""
+value for value), and is found by its DVC experiment's name. The experiment whose params equal the tiny
+study's reproduces it in a fresh workspace: every stage it ran has the same dvc.lock entry, hash for
+hash, as the session's built tiny study (no output holds a run id, a time or a path)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import time
+
+import yaml
 
 import pytest
 
@@ -47,7 +51,16 @@ def _exp_metrics(ws) -> dict[str, dict[str, dict]]:
     return out
 
 
-def test_two_queued_experiments_in_parallel_log_their_own_numbers(tmp_path):
+def _exp_lock(ws, name: str) -> dict:
+    """The dvc.lock of the DVC experiment ``name`` (from its git ref, refs/exps/.../<name>)."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=ws, check=True,
+                          capture_output=True, text=True).stdout.split()
+    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
+    return yaml.safe_load(subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=ws, check=True,
+                                         capture_output=True, text=True).stdout)
+
+
+def test_two_queued_experiments_in_parallel_log_their_own_numbers(tmp_path, tmp_path_factory):
     from mlflow import MlflowClient
 
     ws = harness.make_workspace(tmp_path / "ws")
@@ -88,3 +101,13 @@ def test_two_queued_experiments_in_parallel_log_their_own_numbers(tmp_path):
             assert run.data.tags["git_dirty"] == "true"  # params differ from the baseline commit
             seen[(name, seed)] = metrics["test/iw_bpd"]
     assert seen[("steps-4", "0")] != seen[("steps-6", "0")]
+
+    # steps-4 is the tiny study's own value: its stages reproduce the built study's lock entries exactly.
+    built, _ = harness.built_workspace(tmp_path_factory.getbasetemp())
+    reference = yaml.safe_load((built / "dvc.lock").read_text())["stages"]
+    again = _exp_lock(ws, "steps-4")["stages"]
+    assert {"train_density@patches32-sdn", "evaluate_density@patches32-sdn", "fid@patches32-sdn"} <= set(again)
+    differing = sorted(out["path"] for name, stage in again.items() for out in stage.get("outs", [])
+                       if out not in reference[name]["outs"])
+    assert differing == [], f"outputs whose hash differs between two identical runs: {differing}"
+    assert {name: reference[name] for name in again} == again  # deps (code, params, outputs) too

@@ -10,6 +10,7 @@ tiny study has two seeds run side by side (``study.runs_at_once: 2``), as the em
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import urllib.request
@@ -152,7 +153,7 @@ def test_one_models_params_rerun_only_that_model(built, tmp_path):
     status = json.loads(harness.dvc(ws, "status", "--json").stdout)
     assert set(status) == {"validate", "train_density@patches32-cnn", "evaluate_density@patches32-cnn",
                            "fid@patches32-cnn", "report"}  # validate: the whole params file, checked first
-    # Rerunning a stage makes a new MLflow run, named in the model folder the later stages read.
+    # Rerunning a stage makes a new MLflow run, tagged with the hash of the weights the later stages read.
     harness.dvc(ws, "repro", "--single-item", "train_density@patches32-cnn")
     from mlflow import MlflowClient
 
@@ -162,8 +163,9 @@ def test_one_models_params_rerun_only_that_model(built, tmp_path):
                               "tags.dataset = 'patches32' and tags.model = 'cnn' and tags.seed = '0'")
     assert len(runs) == 2
     newest = max(runs, key=lambda r: r.info.start_time)
-    recorded = json.loads((ws / "results/embedded/models/patches32/cnn/seed0/mlflow_run.json").read_text())
-    assert recorded["run_id"] == newest.info.run_id and newest.data.params["model_config.h_size"] == "12"
+    weights = ws / "results/embedded/models/patches32/cnn/seed0/eval_weights.pt"
+    assert newest.data.tags["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert newest.data.params["model_config.h_size"] == "12"
 
 
 def test_rerun_of_an_unchanged_run_resumes_from_its_checkpoint(built, tmp_path):

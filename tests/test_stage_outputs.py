@@ -40,7 +40,7 @@ def _write_new(out: StageDirs, seed: int) -> None:
     (out.train_metrics / f"seed{seed}.json").write_text('{"new": 1}')
     (out.models / f"seed{seed}").mkdir(parents=True, exist_ok=True)
     (out.models / f"seed{seed}/eval_weights.pt").write_bytes(b"new weights")
-    (out.models / f"seed{seed}/mlflow_run.json").write_text("{}")
+    (out.models / f"seed{seed}/notes.json").write_text("{}")
     (out.models / f"seed{seed}/checkpoints/abc/checkpoint.pt").parent.mkdir(parents=True, exist_ok=True)
     (out.models / f"seed{seed}/checkpoints/abc/checkpoint.pt").write_bytes(b"ckpt 2")
 
@@ -56,7 +56,7 @@ def test_a_failing_stage_leaves_every_output_as_it_was_but_the_checkpoint(stage)
     after = _tree(root)
     assert after.pop("models/d/m/seed0/checkpoints/abc/checkpoint.pt") == b"ckpt 2"  # the resume point
     before.pop("models/d/m/seed0/checkpoints/abc/checkpoint.pt")
-    assert after == before  # new weights and run file gone, old samples and metrics kept, no leftovers
+    assert after == before  # new weights and notes gone, old samples and metrics kept, no leftovers
 
 
 def test_a_failing_stage_removes_the_files_it_wrote_into_a_new_seed_folder(stage):

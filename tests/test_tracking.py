@@ -3,6 +3,7 @@ next to the store, the run file that links stages to their run, resume of an int
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -178,15 +179,29 @@ def test_callback_metric_keys_timing_and_artifacts_next_to_the_store(tracker, st
     assert not (tmp_path / "mlartifacts").exists()
 
 
-def test_later_stages_log_into_the_finished_run_without_moving_its_end(tracker, tmp_path):
-    run_id = tracker.new_run(tracker.key("patches32", "sdn", 0), {}, {})
-    model_dir = tmp_path / "models" / "seed0"
-    tracking.write_run_file(model_dir / tracking.RUN_FILE, run_id, tracker.experiment, tracker.experiment_id)
+def _weights(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_later_stages_log_into_the_finished_run_without_moving_its_end(tracker, tmp_path, monkeypatch):
+    key = tracker.key("patches32", "sdn", 0)
+    weights = _weights(tmp_path / "models" / "seed0" / tracking.WEIGHTS_FILE, b"trained weights")
+    run_id = tracker.new_run(key, {}, {tracking.WEIGHTS_TAG: hashlib.sha256(b"trained weights").hexdigest()})
     tracker.stage_done(run_id, "train", "density")
     tracker.finish(run_id)
     end = tracker.client.get_run(run_id).info.end_time
-    key = tracker.key("patches32", "sdn", 0)
-    assert tracker.run_of_model(model_dir, key, {}, {"study": "test"}) == run_id
+    # Another run with the same weights (an identical DVC experiment): each stage picks its own.
+    monkeypatch.setenv("DVC_EXP_NAME", "twin")
+    twin = tracker.new_run(key, {}, {tracking.WEIGHTS_TAG: tracking.weights_digest(weights)})
+    assert tracker.run_of_model(weights, key, {}, {}) == twin
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert tracker.run_of_model(weights, key, {}, {"study": "test"}) == run_id
+    # ... and the run that trained beside the weights (its checkpoint folder there) comes first.
+    tracker.client.set_tag(twin, tracking.CHECKPOINT_TAG, str((weights.parent / "checkpoints" / "cfg").resolve()))
+    assert tracker.run_of_model(weights, key, {}, {}) == twin
+    tracker.client.set_tag(twin, tracking.CHECKPOINT_TAG, "/elsewhere/checkpoints/cfg")
     tracker.log_metrics(run_id, {"test/iw_bpd": 2.5})  # MLflow accepts metrics on a finished run
     tracker.stage_done(run_id, "evaluate", "density")
     run = tracker.client.get_run(run_id)
@@ -200,23 +215,17 @@ def test_later_stages_log_into_the_finished_run_without_moving_its_end(tracker, 
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.end_time == end and run.data.tags["complete"] == "true"
     assert "failed_stage" not in run.data.tags
-    # The workspace's runs: the run files beside the models (not those in checkpoint folders).
-    tracking.write_run_file(model_dir / "checkpoints" / "abc" / tracking.RUN_FILE, "other", "e", "1")
-    assert tracking.workspace_runs(tmp_path) == [run_id]
+    # The workspace's runs: those that trained the weights beside the models (not in checkpoint folders).
+    _weights(weights.parent / "checkpoints" / "abc" / tracking.WEIGHTS_FILE, b"other")
+    other = tracker.new_run(key, {}, {tracking.WEIGHTS_TAG: hashlib.sha256(b"other").hexdigest()})
+    assert other not in tracking.workspace_runs(tmp_path) == sorted([run_id, twin])
     found = tracker.client.search_runs([tracker.experiment_id], tracking.workspace_filter(tmp_path))
-    assert [r.info.run_id for r in found] == [run_id]
-    # A model folder naming no run of the store (made before runs were recorded) gets a run saying so.
-    orphan = tracker.run_of_model(tmp_path / "nowhere", key, {}, {})
-    assert orphan != run_id and "names no run" in tracker.client.get_run(orphan).data.tags["note"]
-
-
-def test_run_file_is_atomic_json(tmp_path):
-    path = tracking.write_run_file(tmp_path / "a" / tracking.RUN_FILE, "abc", "sdn-x-density", "3")
-    assert json.loads(path.read_text()) == {"run_id": "abc", "experiment": "sdn-x-density", "experiment_id": "3"}
-    assert [p.name for p in path.parent.iterdir()] == [tracking.RUN_FILE]
-    assert tracking.read_run_file(tmp_path / "missing.json") is None
-    (tmp_path / "bad.json").write_text("{")
-    assert tracking.read_run_file(tmp_path / "bad.json") is None
+    assert sorted(r.info.run_id for r in found) == sorted([run_id, twin])
+    # Weights no run of the store trained (pulled from a remote) get a run saying so; the next stage finds it.
+    pulled = _weights(tmp_path / "pulled" / tracking.WEIGHTS_FILE, b"pulled weights")
+    orphan = tracker.run_of_model(pulled, key, {}, {})
+    assert orphan not in (run_id, twin) and "no run of this store trained" in tracker.client.get_run(orphan).data.tags["note"]
+    assert tracker.run_of_model(pulled, key, {}, {}) == orphan
 
 
 def test_open_training_run_new_resumed_finished_and_stale(tracker, tmp_path):
@@ -225,7 +234,11 @@ def test_open_training_run_new_resumed_finished_and_stale(tracker, tmp_path):
     stale = tracking.open_training_run(tracker, ckpts / "old", key, {}, {})
     assert stale.mode == "new"
     first = tracking.open_training_run(tracker, ckpts / "cfg", key, {}, {})
-    assert first.mode == "new" and tracking.read_run_file(ckpts / "cfg" / tracking.RUN_FILE)["run_id"] == first.run_id
+    tags = tracker.client.get_run(first.run_id).data.tags
+    assert first.mode == "new" and tags[tracking.CONFIG_TAG] == "cfg"
+    assert tags[tracking.CHECKPOINT_TAG] == str((ckpts / "cfg").resolve())
+    # Only a checkpoint folder that exists is resumed: the runs of `cfg` are found once training made it.
+    (ckpts / "cfg").mkdir(parents=True)
     # The run of the discarded sibling configuration is not left RUNNING.
     assert tracker.status(stale.run_id) == "KILLED"
     tracker.log_metrics(first.run_id, {"train/loss": 3.0}, step=2)
@@ -243,6 +256,18 @@ def test_open_training_run_new_resumed_finished_and_stale(tracker, tmp_path):
     tracker.finish(first.run_id)
     done = tracking.open_training_run(tracker, ckpts / "cfg", key, {}, {})
     assert (done.run_id, done.mode) == (first.run_id, "finished")
+    assert tracker.status(first.run_id) == "FINISHED"
+    # A copy of the workspace (another folder) re-exporting the weights the run exported: that run.
+    copy = tmp_path / "copy" / "seed1"
+    (copy / "checkpoints" / "cfg").mkdir(parents=True)
+    exported = _weights(copy / tracking.WEIGHTS_FILE, b"weights of cfg")
+    tracker.client.set_tag(first.run_id, tracking.WEIGHTS_TAG, hashlib.sha256(b"weights of cfg").hexdigest())
+    copied = tracking.open_training_run(tracker, copy / "checkpoints" / "cfg", key, {}, {}, weights=exported)
+    assert (copied.run_id, copied.mode) == (first.run_id, "finished")
+    # The same configuration trained in another folder (another clone) with other weights: another run.
+    exported.write_bytes(b"other weights")
+    elsewhere = tracking.open_training_run(tracker, copy / "checkpoints" / "cfg", key, {}, {}, weights=exported)
+    assert elsewhere.mode == "new" and elsewhere.run_id != first.run_id
     assert tracker.status(first.run_id) == "FINISHED"
 
 
