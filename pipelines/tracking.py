@@ -54,9 +54,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.provenance import package_versions
-from sdn.data.hashing import file_digests  # noqa: E402
 from pipelines.runs import experiment_name  # noqa: E402
 from sdn.callbacks import EVAL_PREFIX, Callback  # noqa: E402
+from sdn.data.hashing import file_digests  # noqa: E402
 
 ROOT_ENV = "SDN_REPO_ROOT"
 DB_NAME = "mlflow.db"
