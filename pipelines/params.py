@@ -153,7 +153,7 @@ def validate(raw: Any) -> Params:
         raise explain(err, schema=schema) from err
     fams = families()
     study = parsed.study
-    if study.runs_at_once > 1 and study.launcher != "python":
+    if study.runs_at_once != "auto" and study.runs_at_once > 1 and study.launcher != "python":
         raise StudyError("study.runs_at_once > 1 runs seeds as separate single-process runs; with "
                          f"study.launcher {study.launcher!r} (one run across processes) set it to 1")
     used: list[str] = []

@@ -7,7 +7,7 @@ YAML floats without a dot); unknown keys are errors. Cross-section rules live in
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -89,7 +89,7 @@ class StudySection(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")]
     launcher: str
     seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
-    runs_at_once: PositiveInt
+    runs_at_once: Union[PositiveInt, Literal["auto"]]  # auto: one per core, at most one per seed
     threads_per_run: Optional[PositiveInt]
     downloads: list[str]
     fid_downloads: list[Literal["inception"]]

@@ -61,8 +61,15 @@ class Study:
 
     @property
     def runs_at_once(self) -> int:
-        """How many runs (seeds) of one stage execute side by side, each in its own process."""
-        return self.validated.study.runs_at_once
+        """How many runs (seeds) of one stage execute side by side, each in its own process; ``auto``:
+        one per core this process may use, at most one per seed, and 1 under a launcher other than
+        ``python`` (there one run spans the launcher's processes)."""
+        wanted = self.validated.study.runs_at_once
+        if wanted != "auto":
+            return wanted
+        if self.validated.study.launcher != "python":
+            return 1
+        return max(1, min(len(self.seeds), len(os.sched_getaffinity(0))))
 
     @property
     def threads_per_run(self) -> Optional[int]:

@@ -44,3 +44,19 @@ def test_only_edits_of_code_that_computes_outputs_make_stages_stale(built, tmp_p
     # validate checks the params against the whole library; its output is the same text whatever it
     # depends on, so only the stages that list hvae.py rerun after it (`dvc repro`, docs/dvc.md).
     assert _changed_stages(ws) == {"validate"} | DENSITY_STAGES
+
+
+def test_seeds_trained_one_at_a_time_give_the_same_outputs_as_side_by_side(built, tmp_path):
+    """``study.runs_at_once`` only schedules: it is no stage's param, and a train stage retrained with
+    its seeds one after another reproduces the side-by-side training's every output hash."""
+    ws = tmp_path / "ws"
+    shutil.copytree(built, ws, symlinks=True)
+    harness.dvc(ws, "config", "core.site_cache_dir", str(ws / ".dvc" / "site"))
+    lock = (ws / "dvc.lock").read_text()
+    harness.edit_params(ws, lambda p: p["study"].update(runs_at_once=1))
+    # validate checks the whole params file and the report lists the whole study section; both take seconds
+    assert _changed_stages(ws) <= {"validate", "report"}
+    shutil.rmtree(ws / "results" / "embedded" / "models" / "patches32" / "sdn")  # no checkpoint to re-export
+    harness.dvc(ws, "repro", "--force", "--single-item", "train_density@patches32-sdn")
+    assert list((ws / "results" / "embedded" / "models" / "patches32" / "sdn").glob("seed*/checkpoints/*"))
+    assert (ws / "dvc.lock").read_text() == lock

@@ -136,8 +136,11 @@ def test_consistency_rules(embedded):
     assert "study.seeds" in msg
     msg = _bad(embedded, lambda p: p["data"]["patches32"].update(out="elsewhere"))  # paths are dvc.yaml's
     assert "data.patches32" in msg and "'out'" in msg and "options" in msg
-    msg = _bad(embedded, lambda p: p["study"].update(launcher="torchrun --standalone --nproc_per_node=2"))
+    msg = _bad(embedded, lambda p: p["study"].update(launcher="torchrun --standalone --nproc_per_node=2",
+                                                     runs_at_once=2))
     assert "study.runs_at_once" in msg and "torchrun" in msg
+    msg = _bad(embedded, lambda p: p["study"].update(runs_at_once="all"))
+    assert "study.runs_at_once" in msg
     msg = _bad(embedded, lambda p: p["study"].update(runs_at_once=0))
     assert "study.runs_at_once" in msg
     msg = _bad(embedded, lambda p: p["study"].update(threads_per_run=0))
@@ -333,3 +336,18 @@ def test_the_report_reads_the_runs_where_dvc_yaml_puts_them(embedded):
         assert declared("evaluate", "metrics") == {paths.dirs.eval_metrics}
         if run.family == "density":
             assert declared("fid", "metrics") == {paths.dirs.fid_metrics}
+
+
+def test_runs_at_once_auto_is_one_per_core_at_most_one_per_seed(embedded, monkeypatch):
+    import os
+
+    for cores, seeds, launcher, want in ((2, [0, 1, 2, 3], "python", 2), (16, [0, 1, 2, 3], "python", 4),
+                                         (1, [0, 1], "python", 1),
+                                         (8, [0, 1, 2, 3], "torchrun --standalone --nproc_per_node=2", 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        params = copy.deepcopy(embedded)
+        params["study"].update(runs_at_once="auto", seeds=seeds, launcher=launcher)
+        assert validate(params).runs_at_once == want, (cores, seeds, launcher)
+    params = copy.deepcopy(embedded)
+    params["study"]["runs_at_once"] = 3
+    assert validate(params).runs_at_once == 3
