@@ -660,6 +660,8 @@ def open_training_run(tracker: Tracker, checkpoint_dir: Path, key: RunKey, param
         return TrainingRun(run.info.run_id, "resumed")
     run_id = tracker.new_run(key, params, {**tags, CONFIG_TAG: checkpoint_dir.name,
                                            CHECKPOINT_TAG: str(checkpoint_dir)})
+    # A folder trained while the store was away has a curve no run holds yet.
+    backfill_curve(tracker, run_id, checkpoint_dir / CURVE_FILE)
     return TrainingRun(run_id, "new")
 
 

@@ -123,17 +123,24 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
         shutil.rmtree(checkpoint_dir)
     callbacks = []
     if rank == 0:
-        from pipelines.tracking import MlflowCallback, open_training_run
+        from pipelines.tracking import MlflowCallback, StoreError, open_training_run
 
         # The run is tagged with the checkpoint folder before training starts: an interrupted
         # training resumes its checkpoint and its MLflow run together.
-        mlflow_run = open_training_run(
-            tracker, checkpoint_dir, tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
-            {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
-            weights=paths.weights,
-        )
-        callback = MlflowCallback(tracker, mlflow_run.run_id)
-        callbacks = [CurveWriter(curve)] + ([callback] if mlflow_run.mode != "finished" else [])
+        try:
+            mlflow_run = open_training_run(
+                tracker, checkpoint_dir, tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
+                {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
+                weights=paths.weights,
+            )
+        except StoreError:
+            if tracker.lost is None:
+                raise
+            mlflow_run = None  # the store went away (warned once, with the command that completes the run later)
+        callbacks = [CurveWriter(curve)]
+        if mlflow_run is not None:
+            callback = MlflowCallback(tracker, mlflow_run.run_id)
+            callbacks += [callback] if mlflow_run.mode != "finished" else []
     barrier(ctx)  # no rank reads the checkpoint folder before rank 0 has tidied it
     try:
         eval_fn = family.validation_fn(study, run) if train_config.eval_every else None
@@ -183,6 +190,8 @@ def _export(study, run, paths, family, result, num_params, checkpoint_dir, curve
 
     # Evaluate and fid find the run by the weights' hash (their dependency); a rerun that only
     # re-exports a finished run logs nothing else again and leaves its end time (= its training time).
+    if mlflow_run is None:  # trained while the store was away: `dvc repro -f` of the stage logs it later
+        return
     run_id = mlflow_run.run_id
     tracker.client.set_tag(run_id, WEIGHTS_TAG, weights_digest(paths.weights))
     if mlflow_run.mode == "finished":
