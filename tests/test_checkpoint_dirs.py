@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sdn.checkpoint import config_fingerprint, remove_other_checkpoints, run_checkpoint_dir
 
 
@@ -51,13 +49,3 @@ def test_source_fingerprint_ignores_comments_docstrings_and_formatting_only(tmp_
     (package / "other.py").write_text("y = 2\n")
     assert source_fingerprint([module, package / "other.py"], tmp_path) != before
 
-
-def test_training_code_is_the_library_and_the_baselines():
-    """What the train stage puts in its checkpoint key: every module of sdn/ and baselines/."""
-    from pipelines import train as train_stage
-    from sdn.checkpoint import source_fingerprint
-
-    root = Path(train_stage.__file__).resolve().parents[1]
-    files = [*(root / "sdn").rglob("*.py"), *(root / "baselines").rglob("*.py")]
-    assert any(f.name == "hvae.py" for f in files) and any(f.name == "cnn.py" for f in files)
-    assert train_stage.training_code_fingerprint() == source_fingerprint(files, root)
