@@ -37,6 +37,8 @@ def evaluate_run(study: Study, run: Run, paths: RunPaths) -> None:
         tracker = Tracker.for_family(study.name, run.family)
         run_id = tracker.run_of_model(paths.weights, tracker.key(run.dataset, run.model, run.seed),
                                       study.resolved(run), {"family": run.family, "study": study.name})
+        if run_id is None:  # the store went away (warned once): the stage writes its outputs without MLflow
+            tracker = None
     barrier(ctx)
     try:
         seed_everything(EVAL_SEED)

@@ -371,12 +371,13 @@ class Tracker:
         folder = _sqlite_folder(self.uri)
         self.artifact_root = folder / ARTIFACT_DIR if folder is not None else None
         self._logged: dict[str, set[tuple[str, int]]] = {}
+        # A store that goes away, even while the experiment is being opened, does not fail the stage
+        # (see _GuardedClient): a seed started side by side may open its tracker after the stage's
+        # store check passed and the server stopped; it then trains without MLflow, as the others do.
+        self.experiment_id: Optional[str] = None
         with store_lock(self.uri):  # MlflowClient creates and migrates a SQLite store right away
-            client = MlflowClient(tracking_uri=self.uri)
-            self.client = client
+            self.client = _GuardedClient(MlflowClient(tracking_uri=self.uri), self.uri, _warn_store_lost)
             self._open_experiment(experiment, description)
-        # From here on a store that goes away does not fail the stage (see _GuardedClient).
-        self.client = _GuardedClient(client, self.uri, _warn_store_lost)
 
     @property
     def lost(self) -> Optional[str]:
@@ -391,6 +392,8 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             except MlflowException:  # another process (of another store lock) created it first
                 found = self.client.get_experiment_by_name(experiment)
+                if found is None and self.lost is not None:
+                    return  # the store went away in between: no experiment, the stage goes on without it
                 if found is None:
                     raise
                 self.experiment_id = found.experiment_id
@@ -410,8 +413,10 @@ class Tracker:
         try:
             self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
         except MlflowException:
-            current = self.client.get_experiment(self.experiment_id).tags.get("mlflow.note.content")
-            if current != description:
+            current = self.client.get_experiment(self.experiment_id)
+            if current is None:  # the store went away in between
+                return
+            if current.tags.get("mlflow.note.content") != description:
                 self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
 
     @classmethod
@@ -575,14 +580,17 @@ class Tracker:
             order_by=["attributes.start_time DESC"], max_results=1000) or ())
 
     def run_of_model(self, weights: Path, key: RunKey, params: Mapping[str, Any],
-                     tags: Mapping[str, str]) -> str:
+                     tags: Mapping[str, str]) -> Optional[str]:
         """The run that trained the weights file ``weights`` (evaluate and fid log into it): of the runs
         of ``key`` tagged with its sha256 (several when identical studies ran), the one that trained
         beside it (its checkpoint folder under the weights' folder, on this host), else the one of
         this DVC experiment, else the newest. Weights no run of this store trained (e.g. pulled from a
-        DVC remote) get a new run saying so, which the next stage finds by the same tag."""
+        DVC remote) get a new run saying so, which the next stage finds by the same tag. None when the
+        store has gone away (the stage goes on without MLflow)."""
         digest = weights_digest(weights)
         runs = self.runs_with(key, **{WEIGHTS_TAG: digest})
+        if self.lost is not None:
+            return None
         if runs:
             folder = str(Path(weights).resolve().parent) + os.sep
             experiment = os.environ.get("DVC_EXP_NAME", "workspace")

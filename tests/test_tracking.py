@@ -312,3 +312,31 @@ def test_description_written_by_a_concurrent_stage_does_not_fail_this_one(store,
     tags = tracking.MlflowClient(tracker.uri).get_experiment(tracker.experiment_id).tags
     assert tags["mlflow.note.content"] == description
     assert len(calls) == (1 if other_text == "same" else 2)
+
+
+def test_a_tracker_opened_after_the_server_went_away_lets_the_stage_go_on(store, monkeypatch, capsys):
+    """A seed started side by side can open its tracker after the stage's store check passed and the
+    server stopped (a CI race): the tracker warns once, names the server, and has no experiment; runs
+    are then neither found nor created (StoreError, which the train stage answers by training without
+    MLflow; evaluate and fid get no run and write their outputs without MLflow)."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("DVC_STAGE", "train_density@toy-sdn")
+    tracker = tracking.Tracker.for_family("test", "density", uri=uri)
+    assert tracker.lost is not None and uri in tracker.lost
+    assert tracker.experiment_id is None
+    key = tracker.key("toy", "sdn", 0)
+    assert tracker.runs_for(key) is None
+    with pytest.raises(tracking.StoreError, match="no MLflow run could be created"):
+        tracker.new_run(key, {"lr": 1}, {})
+    weights = store / "weights.pt"
+    weights.write_bytes(b"weights")
+    assert tracker.run_of_model(weights, key, {"lr": 1}, {}) is None  # evaluate and fid go on without a run
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "dvc repro -f --single-item train_density@toy-sdn" in warnings[0]
