@@ -49,12 +49,15 @@ ui: setup
 	$(VENV)/bin/mlflow server --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
 		--artifacts-destination "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(PORT) --workers 1
 
+# One pytest-xdist worker per core (`make test TEST_WORKERS=1` runs the tests one after the other);
+# a test file's tests stay on one worker, which builds its module fixtures once.
+TEST_WORKERS ?= $(shell nproc)
 test: setup
-	@$(DVC_ENV) $(PY) -m pytest; rc=$$?; \
+	@$(DVC_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: setup
-	$(DVC_ENV) $(PY) -m pytest -m "not slow"
+	$(DVC_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/sdn_layer.py

@@ -2,8 +2,9 @@
 
 The copy holds this checkout's dvc.yaml, pipelines/, sdn/, baselines/ and a TINY params.yaml
 (one seed, few steps, narrow models); stage scripts import the copy's code (PYTHONPATH), and
-MLflow writes to the copy's own mlflow.db. The first finished workspace is cached per session so
-the add-baseline test can start from it instead of running the whole pipeline again.
+MLflow writes to the copy's own mlflow.db. The first finished workspace is cached per session (and
+shared by the pytest-xdist workers) so the other end-to-end tests start from a copy of it instead of
+running the whole pipeline again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -143,13 +145,22 @@ def add_toy_baseline(workspace: Path) -> None:
 
 
 def built_workspace(tmp_root: Path) -> tuple[Path, str]:
-    """A workspace after one full `dvc repro` (cached for the session) and that repro's output."""
+    """A workspace after one full `dvc repro` (cached for the session) and that repro's output.
+
+    Under pytest-xdist (``make test``) the workers share one build: the first to get here builds it
+    in the session's common folder (the parent of each worker's ``tmp_root``), the others wait on a
+    file lock and reuse it. Tests copy it before changing anything in it."""
     if "workspace" not in _BUILT:
-        # No pre-migrated store: the first stage's seeds start side by side on a fresh mlflow.db,
-        # as on a fresh clone (the stage must create the store before its runs race to).
-        ws = make_workspace(tmp_root / "built")
-        result = dvc(ws, "repro")
-        _BUILT["workspace"] = (ws, result.stdout + result.stderr)
+        root = tmp_root.parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp_root
+        ws, log = root / "built", root / "built.repro-output"
+        with FileLock(str(root / "built.lock")):
+            if not log.exists():
+                # No pre-migrated store: the first stage's seeds start side by side on a fresh mlflow.db,
+                # as on a fresh clone (the stage must create the store before its runs race to).
+                make_workspace(ws)
+                result = dvc(ws, "repro")
+                log.write_text(result.stdout + result.stderr)
+        _BUILT["workspace"] = (ws, log.read_text())
     return _BUILT["workspace"]
 
 

@@ -17,8 +17,8 @@ import pipeline_harness as harness
 pytestmark = pytest.mark.slow
 
 
-def test_add_a_toy_baseline(tmp_path_factory, tmp_path):
-    built, _ = harness.built_workspace(tmp_path_factory.getbasetemp())
+def test_add_a_toy_baseline(tiny_study, tmp_path):
+    built, _ = tiny_study
     ws = tmp_path / "ws"
     shutil.copytree(built, ws, symlinks=True)
     harness.add_toy_baseline(ws)

@@ -60,7 +60,7 @@ def _exp_lock(ws, name: str) -> dict:
                                          capture_output=True, text=True).stdout)
 
 
-def test_two_queued_experiments_in_parallel_log_their_own_numbers(tmp_path, tmp_path_factory):
+def test_two_queued_experiments_in_parallel_log_their_own_numbers(tmp_path, tiny_study):
     from mlflow import MlflowClient
 
     ws = harness.make_workspace(tmp_path / "ws")
@@ -103,7 +103,7 @@ def test_two_queued_experiments_in_parallel_log_their_own_numbers(tmp_path, tmp_
     assert seen[("steps-4", "0")] != seen[("steps-6", "0")]
 
     # steps-4 is the tiny study's own value: its stages reproduce the built study's lock entries exactly.
-    built, _ = harness.built_workspace(tmp_path_factory.getbasetemp())
+    built, _ = tiny_study
     reference = yaml.safe_load((built / "dvc.lock").read_text())["stages"]
     again = _exp_lock(ws, "steps-4")["stages"]
     assert {"train_density@patches32-sdn", "evaluate_density@patches32-sdn", "fid@patches32-sdn"} <= set(again)

@@ -47,9 +47,9 @@ def _clone(source: Path, dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory) -> tuple[Path, Path]:
+def pushed(tiny_study, tmp_path_factory) -> tuple[Path, Path]:
     """Clone A (the session's built tiny study, committed) with a local-folder remote, pushed."""
-    built, _ = harness.built_workspace(tmp_path_factory.getbasetemp())
+    built, _ = tiny_study
     root = tmp_path_factory.mktemp("remote")
     a = harness.committed_copy(built, root / "a")
     remote = root / "shared-remote"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -24,8 +25,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return harness.built_workspace(tmp_path_factory.getbasetemp())
+def built(tiny_study, tmp_path_factory):
+    """This module's own copy of the session's tiny study (its tests run DVC and MLflow in it, while
+    other workers copy the shared one) and the output of the repro that built it."""
+    shared, output = tiny_study
+    ws = tmp_path_factory.mktemp("e2e") / "ws"
+    shutil.copytree(shared, ws, symlinks=True)
+    return ws, output
 
 
 def _expected_stages(with_toy: bool = False) -> set[str]:
@@ -145,8 +151,6 @@ def test_mlflow_server_shows_the_runs(built, tmp_path):
 
 
 def test_one_models_params_rerun_only_that_model(built, tmp_path):
-    import shutil
-
     ws = tmp_path / "ws"
     shutil.copytree(built[0], ws, symlinks=True)
     harness.edit_params(ws, lambda p: p["density"]["patches32"]["models"]["cnn"].update(h_size=12))
@@ -171,8 +175,6 @@ def test_one_models_params_rerun_only_that_model(built, tmp_path):
 def test_rerun_of_an_unchanged_run_resumes_from_its_checkpoint(built, tmp_path):
     """DVC deletes a stage's plain outputs before it reruns; the persistent model directory keeps
     the checkpoint (and the curve beside it), so the run continues instead of starting over."""
-    import shutil
-
     ws = tmp_path / "ws"
     shutil.copytree(built[0], ws, symlinks=True)
     study = "results/embedded"
@@ -191,7 +193,6 @@ def test_fid_stages_with_a_local_weights_file(built, tmp_path):
     """With `fid.weights_path` set, the real stage scripts compute reference statistics and a
     finite FID that records its implementation (random-init FID-Inception; few images on CPU)."""
     import math
-    import shutil
     import sys
 
     from fid_weights import save_random_fid_inception

@@ -35,9 +35,9 @@ def _snapshot(ws: Path) -> tuple[str, str, dict[str, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def committed(tmp_path_factory) -> Path:
+def committed(tiny_study, tmp_path_factory) -> Path:
     """A copy of the session's built tiny study, committed (so `git status` is clean)."""
-    built, _ = harness.built_workspace(tmp_path_factory.getbasetemp())
+    built, _ = tiny_study
     ws = harness.committed_copy(built, tmp_path_factory.mktemp("faults") / "ws")
     assert "up to date" in harness.dvc(ws, "status").stdout
     return ws

@@ -22,8 +22,8 @@ DENSITY_STAGES = {f"{stage}@patches32-{model}" for stage in ("train_density", "e
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    return harness.built_workspace(tmp_path_factory.getbasetemp())[0]
+def built(tiny_study) -> Path:
+    return tiny_study[0]
 
 
 def _changed_stages(ws: Path) -> set[str]:

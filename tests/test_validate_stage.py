@@ -172,8 +172,8 @@ def _snapshot(ws: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.mark.slow
-def test_dvc_repro_stops_at_validate_and_touches_nothing(tmp_path_factory, tmp_path):
-    built, output = harness.built_workspace(tmp_path_factory.getbasetemp())
+def test_dvc_repro_stops_at_validate_and_touches_nothing(tiny_study, tmp_path):
+    built, output = tiny_study
     assert "validate" in harness.ran_stages(output)
     ws = tmp_path / "ws"
     shutil.copytree(built, ws, symlinks=True)
@@ -210,8 +210,8 @@ def test_dvc_repro_stops_at_validate_and_touches_nothing(tmp_path_factory, tmp_p
 
 
 @pytest.mark.slow
-def test_dvc_plots_overlay_the_models_of_each_dataset(tmp_path_factory):
-    ws, _ = harness.built_workspace(tmp_path_factory.getbasetemp())
+def test_dvc_plots_overlay_the_models_of_each_dataset(tiny_study):
+    ws, _ = tiny_study
     plots = json.loads(harness.dvc(ws, "plots", "show", "--json").stdout)["data"]
     entry = plots["reports/plots/patches32.csv"][0]
     spec = json.dumps(entry["content"])
