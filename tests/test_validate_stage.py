@@ -41,7 +41,7 @@ BAD_EDITS = {
     "unknown model": (lambda p: p["study"]["density"]["models"].append("cnn_matchd"),
                       "study.density.models: unknown model(s) ['cnn_matchd']; allowed: ['cnn', 'cnn_matched', 'sdn']"),
     "report typo": (lambda p: p["report"].update(confidenc=0.9),
-                    "report: unknown key 'confidenc'; allowed: ['confidence', 'dir']"),
+                    "report: unknown key 'confidenc'; allowed: ['claims', 'confidence', 'dir']"),
 }
 
 
