@@ -67,22 +67,6 @@ def verdict(ci_low: float, ci_high: float, lower_is_better: bool, margin: Option
     return f"no difference beyond ±{_amount(margin, unit)}" if within else "inconclusive"
 
 
-def rule_text(rules: Mapping[str, Mapping[str, float]], units: Mapping[str, str]) -> str:
-    """The verdict rule as the report states it, with each family's δ and half-width target
-    (``rules``: family -> ``report.claims.<family>``; ``units``: family -> its claims' unit)."""
-    margins = "; ".join(f"{family} {_amount(rule['margin'], units.get(family, ''))}" for family, rule in rules.items())
-    targets = "; ".join(f"{family} ≤ {_amount(rule['half_width_target'], units.get(family, ''))}"
-                        for family, rule in rules.items())
-    return ("applied in this order: (1) not judged: degenerate inputs (a metric identical for every run, a "
-            "collapsed model, or a mean score at chance level); (2) supported: the CI of sdn − baseline excludes 0 "
-            "in the paper's direction; contradicted: it excludes 0 the other way; either gets \"(by less than δ)\" "
-            "when the whole CI also lies inside (−δ, +δ); (3) no difference beyond ±δ: the CI contains 0 and lies "
-            "inside (−δ, +δ) (bounds excluded); (4) inconclusive: otherwise (the CI contains 0 and reaches ±δ). "
-            f"δ (`report.claims.<family>.margin`): {margins or 'none'}. Target CI half-width "
-            f"(`report.claims.<family>.half_width_target`): {targets or 'none'}; a half-width above it is shown "
-            "as **value** (> target)")
-
-
 def chance_level(metric: str, num_factors: Optional[int]) -> Optional[float]:
     """Score of a representation that carries no information: 1/K for the BetaVAE and FactorVAE
     classifiers (K ground-truth factors, balanced votes), 0 for MIG, SAP and DCI disentanglement."""
@@ -151,6 +135,22 @@ def caveats(checks: Sequence[Mapping[str, Any]], dataset: str, models: Sequence[
                      if c["dataset"] == dataset and c["model"] in models and c["failed"])
 
 
+def rule_text(rules: Mapping[str, Mapping[str, float]], units: Mapping[str, str]) -> str:
+    """The verdict rule as the report states it, with each family's δ and half-width target
+    (``rules``: family -> ``report.claims.<family>``; ``units``: family -> its claims' unit)."""
+    margins = "; ".join(f"{family} {_amount(rule['margin'], units.get(family, ''))}" for family, rule in rules.items())
+    targets = "; ".join(f"{family} ≤ {_amount(rule['half_width_target'], units.get(family, ''))}"
+                        for family, rule in rules.items())
+    return ("applied in this order: (1) not judged: degenerate inputs (a metric identical for every run, a "
+            "collapsed model, or a mean score at chance level); (2) supported: the CI of sdn − baseline excludes 0 "
+            "in the paper's direction; contradicted: it excludes 0 the other way; either gets \"(by less than δ)\" "
+            "when the whole CI also lies inside (−δ, +δ); (3) no difference beyond ±δ: the CI contains 0 and lies "
+            "inside (−δ, +δ) (bounds excluded); (4) inconclusive: otherwise (the CI contains 0 and reaches ±δ). "
+            f"δ (`report.claims.<family>.margin`): {margins or 'none'}. Target CI half-width "
+            f"(`report.claims.<family>.half_width_target`): {targets or 'none'}; a half-width above it is shown "
+            "as **value** (> target)")
+
+
 def mark_outliers(checks: list[dict[str, Any]], flagged: Mapping[tuple[str, str, int], Sequence[str]]) -> None:
     """Append each flagged run's outlier phrases to its run-check row's ``failed`` (in place)."""
     for check in checks:
@@ -207,7 +207,7 @@ def claims_section(records: Sequence[Mapping[str, Any]], families: Mapping[str, 
     md = ["## Claims\n",
           f"Each row: `sdn − baseline` of the mean over seeds, its Welch {int(confidence * 100)} % CI, and the "
           f"verdict of this rule, applied to the numbers by `pipelines/reporting/claims.py`, "
-          f"{rule_text(rules or {}, units)}. "
+          f"{rule_text({f: r for f, r in (rules or {}).items() if f in units}, units)}. "
           f"A VAE with fewer than {MIN_ACTIVE_DIMS} active latent dimensions in any run counts as collapsed. "
           f"Chance levels: {'; '.join(chance) if chance else 'n/a'}. `caveats` lists the run checks "
           "below that the compared runs fail.\n",
