@@ -169,9 +169,13 @@ def test_rule_text_states_each_family_margin_and_target():
         "(4) inconclusive")
 
 
-def test_mark_outliers_appends_to_the_failed_checks():
+def test_outlier_flags_join_the_failed_checks_and_caveat_only_their_metric():
     checks = [{"dataset": "d", "model": "cnn", "seed": 0, "failed": "not at plateau"},
               {"dataset": "d", "model": "cnn", "seed": 1, "failed": ""},
               {"dataset": "d", "model": "sdn", "seed": 1, "failed": ""}]
-    claims.mark_outliers(checks, {("d", "cnn", 0): ["outlier: a"], ("d", "cnn", 1): ["outlier: b", "outlier: c"]})
-    assert [c["failed"] for c in checks] == ["not at plateau; outlier: a", "outlier: b; outlier: c", ""]
+    claims.mark_outliers(checks, {("d", "cnn", 0): {"a": "outlier: a"},
+                                  ("d", "cnn", 1): {"b": "outlier: b", "c": "outlier: c"}})
+    assert [claims.failures(c) for c in checks] == ["not at plateau; outlier: a", "outlier: b; outlier: c", ""]
+    assert claims.caveats(checks, "d", ["sdn", "cnn"], "b") == "cnn seed 0: not at plateau; cnn seed 1: outlier: b"
+    assert claims.caveats(checks, "d", ["sdn", "cnn"]) == ("cnn seed 0: not at plateau; outlier: a; "
+                                                           "cnn seed 1: outlier: b; outlier: c")

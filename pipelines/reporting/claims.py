@@ -129,10 +129,19 @@ def claim_rows(records: Sequence[Mapping[str, Any]], claims: Sequence[Claim], co
     return rows
 
 
-def caveats(checks: Sequence[Mapping[str, Any]], dataset: str, models: Sequence[str]) -> str:
-    """The failed run checks of ``models`` on ``dataset``, one phrase per run ("" if none)."""
-    return "; ".join(f"{c['model']} seed {c['seed']}: {c['failed']}" for c in checks
-                     if c["dataset"] == dataset and c["model"] in models and c["failed"])
+def failures(check: Mapping[str, Any], metric: Optional[str] = None) -> str:
+    """A run-check row's failed checks and outlier flags (``check["outliers"]``: metric -> phrase;
+    with ``metric``, only that metric's flag), "" if none."""
+    flags = [p for m, p in check.get("outliers", {}).items() if metric is None or m == metric]
+    return "; ".join(p for p in (check["failed"], *flags) if p)
+
+
+def caveats(checks: Sequence[Mapping[str, Any]], dataset: str, models: Sequence[str],
+            metric: Optional[str] = None) -> str:
+    """The failed run checks of ``models`` on ``dataset``, one phrase per run ("" if none); with
+    ``metric``, of the outlier flags only that metric's."""
+    return "; ".join(f"{c['model']} seed {c['seed']}: {failures(c, metric)}" for c in checks
+                     if c["dataset"] == dataset and c["model"] in models and failures(c, metric))
 
 
 def rule_text(rules: Mapping[str, Mapping[str, float]], units: Mapping[str, str]) -> str:
@@ -151,14 +160,13 @@ def rule_text(rules: Mapping[str, Mapping[str, float]], units: Mapping[str, str]
             "as **value** (> target)")
 
 
-def mark_outliers(checks: list[dict[str, Any]], flagged: Mapping[tuple[str, str, int], Sequence[str]]) -> None:
-    """Append each flagged run's outlier phrases to its run-check row's ``failed`` (in place)."""
+def mark_outliers(checks: list[dict[str, Any]], flagged: Mapping[tuple[str, str, int], Mapping[str, str]]) -> None:
+    """Set each run-check row's ``outliers`` (metric -> phrase; empty if not flagged), in place."""
     for check in checks:
-        phrases = flagged.get((check["dataset"], check["model"], check["seed"]), [])
-        check["failed"] = "; ".join([p for p in (check["failed"], *phrases) if p])
+        check["outliers"] = dict(flagged.get((check["dataset"], check["model"], check["seed"]), {}))
 
 
-def outlier_curves(records: Sequence[Mapping[str, Any]], flagged: Mapping[tuple[str, str, int], Sequence[str]],
+def outlier_curves(records: Sequence[Mapping[str, Any]], flagged: Mapping[tuple[str, str, int], Mapping[str, str]],
                    curve: tuple[str, str], figures: Path) -> list[str]:
     """Per flagged run: a figure of its learning curve (``curve``: column, label) against its model's
     other seeds (mean and min–max band), and index.md lines with why it was flagged."""
@@ -167,7 +175,7 @@ def outlier_curves(records: Sequence[Mapping[str, Any]], flagged: Mapping[tuple[
     for (dataset, model, seed), phrases in flagged.items():
         runs = [r for r in records if r["dataset"] == dataset and r["model"] == model]
         this = [read_curve(r["curve"], column) for r in runs if r["seed"] == seed]
-        head = f"**{dataset} / {model} seed {seed}**: {'; '.join(phrases)}"
+        head = f"**{dataset} / {model} seed {seed}**: {'; '.join(phrases.values())}"
         if not any(len(steps) for steps, _ in this):
             lines.append(f"{head} (no `{column}` curve recorded)\n")
             continue
@@ -197,9 +205,10 @@ def claims_section(records: Sequence[Mapping[str, Any]], families: Mapping[str, 
     all_checks = [c for rows in checks.values() for c in rows]
     rows = claim_rows(records, claims, confidence, num_factors, rules)
     for row in rows:
-        row["caveats"] = caveats(all_checks, row["dataset"], ["sdn", row["comparison"].split(" − ")[1]])
+        row["caveats"] = caveats(all_checks, row["dataset"], ["sdn", row["comparison"].split(" − ")[1]], row["metric"])
+    shown = {name: [dict(c, failed=failures(c)) for c in rows_] for name, rows_ in checks.items()}
     write_csv(rows, CLAIM_COLUMNS, out_dir / "claims.csv")
-    write_csv(all_checks, CHECK_COLUMNS, out_dir / "run_checks.csv")
+    write_csv([c for rows_ in shown.values() for c in rows_], CHECK_COLUMNS, out_dir / "run_checks.csv")
     names = {m for r in records for m in r["metrics"]}
     chance = sorted({f"{m} {chance_level(m, n):.3f} ({d}, {n} factors)" for d, n in num_factors.items()
                      for m in names if chance_level(m, n) is not None and m.endswith("eval_accuracy")})
@@ -215,8 +224,8 @@ def claims_section(records: Sequence[Mapping[str, Any]], families: Mapping[str, 
           else "No claim can be judged (needs sdn and its baselines).\n",
           "\n### Run checks\n",
           "".join(family.check_text for family in families.values()) + f"Every run: {OUTLIER_RULE}. "
-          + f"{sum(bool(c['failed']) for c in all_checks)} of {len(all_checks)} runs fail a check.\n"]
-    md += [line for name, family in families.items() if checks[name] for line in family.check_tables(checks[name])]
+          + f"{sum(bool(failures(c)) for c in all_checks)} of {len(all_checks)} runs fail a check.\n"]
+    md += [line for name, family in families.items() if shown[name] for line in family.check_tables(shown[name])]
     curves = [line for name, family in families.items()
               for line in outlier_curves(by_family[name], flagged[name], family.outlier_curve, out_dir / "figures")]
     if curves:

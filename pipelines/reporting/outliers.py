@@ -43,10 +43,10 @@ def robust_distances(values: Sequence[float]) -> np.ndarray:
     return np.abs(x - np.median(x)) / scale if scale > 0.0 else np.zeros_like(x)
 
 
-def flag_outliers(values: pd.DataFrame, metrics: Sequence[str]) -> dict[tuple[str, str, int], list[str]]:
-    """(dataset, model, seed) -> one phrase per ``metrics`` entry on which the run is an outlier by
-    :data:`RULE` (``values``: the long frame of ``tables.metric_values``)."""
-    flagged: dict[tuple[str, str, int], list[str]] = {}
+def flag_outliers(values: pd.DataFrame, metrics: Sequence[str]) -> dict[tuple[str, str, int], dict[str, str]]:
+    """(dataset, model, seed) -> {metric: why} for each of ``metrics`` on which the run is an outlier
+    by :data:`RULE` (``values``: the long frame of ``tables.metric_values``)."""
+    flagged: dict[tuple[str, str, int], dict[str, str]] = {}
     chosen = values[values.metric.isin(list(metrics))]
     for (dataset, model, metric), group in chosen.groupby([*KEYS, "metric"], sort=False):
         if len(group) < MIN_SEEDS:
@@ -55,7 +55,7 @@ def flag_outliers(values: pd.DataFrame, metrics: Sequence[str]) -> dict[tuple[st
         scale, name = robust_scale(x)
         for seed, value, distance in zip(group["seed"], x, robust_distances(x)):
             if distance > THRESHOLD:
-                flagged.setdefault((dataset, model, int(seed)), []).append(
+                flagged.setdefault((dataset, model, int(seed)), {})[metric] = (
                     f"outlier: {metric} {value:.3f} lies {distance:.1f} × the {name} ({scale:.3g}) from the "
                     f"median {float(np.median(x)):.3f} of {model}'s {len(x)} seeds")
     return flagged
