@@ -205,7 +205,8 @@ def claims_section(records: Sequence[Mapping[str, Any]], families: Mapping[str, 
     all_checks = [c for rows in checks.values() for c in rows]
     rows = claim_rows(records, claims, confidence, num_factors, rules)
     for row in rows:
-        row["caveats"] = caveats(all_checks, row["dataset"], ["sdn", row["comparison"].split(" − ")[1]], row["metric"])
+        baseline = row["comparison"].split(" − ")[1]
+        row["caveats"] = caveats(all_checks, row["dataset"], ["sdn", baseline], row["metric"])
     shown = {name: [dict(c, failed=failures(c)) for c in rows_] for name, rows_ in checks.items()}
     write_csv(rows, CLAIM_COLUMNS, out_dir / "claims.csv")
     write_csv([c for rows_ in shown.values() for c in rows_], CHECK_COLUMNS, out_dir / "run_checks.csv")

@@ -135,7 +135,8 @@ def validation_choices(study: Study, params: Mapping[str, Any]) -> list[str]:
                 lines.append(f"- {family} `{dataset}`, in every run: the weights evaluated on the test split are the "
                              f"EMA weights of the validation evaluation (every {train.eval_every} steps) with the "
                              f"lowest `{train.keep_best}` (`train.keep_best`)")
-            lines += [f"- {family} `{dataset}`, before this study: {line}" for line in params[family][dataset].get("tuned", [])]
+            lines += [f"- {family} `{dataset}`, before this study: {line}"
+                      for line in params[family][dataset].get("tuned", [])]
             if "cnn_matched" in models:
                 lines.append(f"- {family} `{dataset}`: `cnn_matched`'s hidden width is solved from `sdn`'s parameter "
                              "count (`baselines/cnn_matched.py`), not chosen on data")
