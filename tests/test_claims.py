@@ -150,6 +150,8 @@ def test_without_a_rule_there_is_no_equivalence_verdict_nor_target():
     (row,) = claims.claim_rows(_density([5.000, 5.010, 5.020], [5.010, 5.000, 5.015]), [claim])
     assert row["verdict"] == "inconclusive" and row["half_width_exceeds_target"] is False
     assert row["margin"] is None and row["half_width_target"] is None
+    (row,) = claims.claim_rows(_density([5.0], [5.1, 5.2]), [claim], rules=RULES)  # one seed: no CI
+    assert row["half_width_exceeds_target"] is True and row["half_width_shown"] == "n/a (target 0.05)"
 
 
 def test_degenerate_inputs_are_judged_before_the_margin():

@@ -24,7 +24,7 @@ import pandas as pd
 
 from pipelines.reporting.figures import plot_curves, read_curve
 from pipelines.reporting.outliers import RULE as OUTLIER_RULE, flag_outliers
-from pipelines.reporting.tables import fmt, markdown_table, metric_values, values_of, welch, write_csv
+from pipelines.reporting.tables import NA, fmt, markdown_table, metric_values, values_of, welch, write_csv
 
 MIN_ACTIVE_DIMS = 3  # fewer active latent dimensions than this: the VAE is treated as collapsed
 CLAIM_COLUMNS = ["claim", "dataset", "comparison", "diff", "ci_low", "ci_high", "half_width", "half_width_target",
@@ -96,6 +96,13 @@ def degenerate_reason(values: pd.DataFrame, claim: Claim, dataset: str, num_fact
     return None
 
 
+def _half_width_shown(half: float, target: Optional[float]) -> str:
+    """The half-width for index.md: bold with its target when above it, n/a without a CI."""
+    if not math.isfinite(half):
+        return NA if target is None else f"{NA} (target {target:g})"
+    return f"**{fmt(half)}** (> {target:g})" if target is not None and half > target else fmt(half)
+
+
 def claim_rows(records: Sequence[Mapping[str, Any]], claims: Sequence[Claim], confidence: float = 0.95,
                num_factors: Optional[Mapping[str, int]] = None,
                rules: Optional[Mapping[str, Mapping[str, float]]] = None) -> list[dict[str, Any]]:
@@ -120,7 +127,7 @@ def claim_rows(records: Sequence[Mapping[str, Any]], claims: Sequence[Claim], co
                 "claim": claim.text, "dataset": dataset, "metric": claim.metric,
                 "comparison": f"sdn − {claim.baseline}", "diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high,
                 "half_width": half, "half_width_target": target, "half_width_exceeds_target": exceeds,
-                "half_width_shown": f"**{fmt(half)}** (> {target:g})" if exceeds else fmt(half),
+                "half_width_shown": _half_width_shown(half, target),
                 "margin": margin, "seeds": f"{c.n_a} vs {c.n_b}",
                 "paper_direction": "lower" if claim.lower_is_better else "higher",
                 "verdict": f"not judged: {reason}" if reason else verdict(c.ci_low, c.ci_high, claim.lower_is_better,
