@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError, create_model
 
 from pipelines.families import Family, families
-from pipelines.schema import DataSection, Fid, FamilyRuns, Report, StudySection
+from pipelines.schema import ClaimRule, DataSection, Fid, FamilyRuns, Report, Section, StudySection
 
 FID_STATS_DEP = "pipelines/fid_stats.py"  # fid.weights.dvc_dep when no stage downloads the weights
 PRECISION_KEY = "precision"
@@ -58,14 +58,15 @@ class Params:
 
 
 def _schema() -> type[BaseModel]:
-    """The top-level schema: fixed sections plus ``study.<family>`` and ``<family>`` for every family."""
+    """The top-level schema: fixed sections plus ``study.<family>``, ``report.claims.<family>`` and
+    ``<family>`` for every family."""
     fams = families()
     study = create_model("Study", __base__=StudySection, **{name: (FamilyRuns, ...) for name in fams})
+    claims = create_model("ReportClaims", __base__=Section, **{name: (ClaimRule, ...) for name in fams})
+    report = create_model("Report", __base__=Report, claims=(claims, ...))
     fields: dict[str, Any] = {"study": (study, ...), "data": (dict[str, DataSection], ...),
-                              "fid": (Fid, ...), "report": (Report, ...)}
+                              "fid": (Fid, ...), "report": (report, ...)}
     fields.update({name: (dict[str, fam.section], ...) for name, fam in fams.items()})
-    from pipelines.schema import Section
-
     return create_model("Params", __base__=Section, **fields)
 
 

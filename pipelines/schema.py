@@ -141,11 +141,21 @@ class Fid(Section):
     kid: Kid
 
 
+class ClaimRule(Section):
+    """``report.claims.<family>``: the verdict rule's margin δ and the CI half-width target of the
+    family's claims, in the unit of their metric (bpd, score)."""
+
+    margin: PositiveFloat  # a CI of sdn − baseline inside (−δ, +δ): "no difference beyond ±δ"
+    half_width_target: PositiveFloat  # claim rows whose CI half-width exceeds it are marked
+
+
 class Report(Section):
-    """``report``: where the report goes and the confidence level of its intervals."""
+    """``report``: where the report goes, the confidence level of its intervals and the verdict
+    rule's settings per family (``pipelines.params`` requires one ``claims`` entry per family)."""
 
     dir: str
     confidence: Annotated[float, Field(gt=0, lt=1)]
+    claims: dict[str, ClaimRule]
 
 
 NAME = re.compile(r"^[A-Za-z0-9_]+$")

@@ -149,7 +149,7 @@ def test_build_report_from_metrics_files(tmp_path):
         for p in (paths.train_metrics, paths.eval_metrics, paths.curve, paths.fid_metrics):
             p.parent.mkdir(parents=True, exist_ok=True)
         paths.train_metrics.write_text(_json.dumps({"num_params": 1000 + len(run.model)}))
-        paths.curve.write_text("step,loss,bpd,lr,grad_norm\n10,9,5.0,0.002,1\n20,8,4.0,0.002,1\n")
+        paths.curve.write_text("step,loss,bpd,lr,grad_norm,val_elbo_bpd\n10,9,5.0,0.002,1,5.1\n20,8,4.0,0.002,1,4.1\n")
         if run.family == "density":
             v = iw[run.model][run.seed]
             paths.eval_metrics.write_text(_json.dumps({"elbo_bpd": v + 0.1, "iw_bpd": v}))
@@ -184,6 +184,20 @@ def test_build_report_from_metrics_files(tmp_path):
     assert summary["patches32.cnn.elbo_bpd"] == pytest.approx(np.mean(iw["cnn"]) + 0.1, rel=1e-12)
     assert summary["dsprites_procedural.sdn.mig.discrete_mig"] == pytest.approx(0.61)
     assert not any("settings" in k or "num_train" in k for k in summary)
+    # cnn seed 2 (3.41 against 3.30, 3.28: 0.11 / (1.4826 · 0.02) = 3.7 scaled MADs) is flagged, not dropped
+    with (tmp_path / "reports" / "run_checks.csv").open() as handle:
+        checks = {(r["model"], r["seed"]): r["failed"] for r in csv.DictReader(handle) if r["dataset"] == "patches32"}
+    assert [k for k, failed in checks.items() if "outlier" in failed] == [("cnn", "2")]
+    assert "outlier: iw_bpd 3.410 lies 3.7 × the scaled MAD" in checks[("cnn", "2")]
+    assert "### Flagged runs' learning curves" in index and "(figures/outlier_patches32_cnn_seed2.png)" in index
+    with Image.open(tmp_path / "reports" / "figures" / "outlier_patches32_cnn_seed2.png") as img:
+        assert img.format == "PNG"
+    with (tmp_path / "reports" / "claims.csv").open() as handle:
+        claim = next(r for r in csv.DictReader(handle) if r["comparison"] == "sdn − cnn")
+    assert (claim["margin"], claim["half_width_target"]) == ("0.05", "0.05")
+    assert claim["half_width_exceeds_target"] == str(float(claim["half_width"]) > 0.05)
+    assert "δ (`report.claims.<family>.margin`): density 0.05 bpd; disentanglement 0.05" in index
+    assert "## Choices made on validation data (never on test data)" in index
 
 
 def test_small_sample_grids_are_enlarged_pixel_for_pixel(tmp_path):
@@ -229,3 +243,28 @@ def test_the_library_imports_no_study_layer():
     sdn = Path(__file__).resolve().parents[1] / "sdn"
     importing = [p for p in sdn.rglob("*.py") if re.search(r"^\s*(from|import)\s+pipelines\b", p.read_text(), re.M)]
     assert not importing
+
+
+def test_validation_choices_are_generated_from_the_params():
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.study import validate
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    tuned = params["density"]["patches32"]["tuned"]
+    params["density"]["patches32"]["train"].update(keep_best="elbo_bpd", eval_every=150)
+    lines = report.validation_choices(validate(params), params)
+    assert ("- density `patches32`, in every run: the weights evaluated on the test split are the EMA weights of "
+            "the validation evaluation (every 150 steps) with the lowest `elbo_bpd` (`train.keep_best`)") in lines
+    assert f"- density `patches32`, before this study: {tuned[0]}" in lines
+    assert any("`cnn_matched`'s hidden width is solved from `sdn`'s parameter count" in line for line in lines)
+    for family in ("density", "disentanglement"):
+        for section in params[family].values():
+            section.pop("tuned", None)
+            section["train"].pop("keep_best", None)
+    params["study"]["density"]["models"] = ["sdn", "cnn"]
+    params["density"]["patches32"]["models"].pop("cnn_matched")
+    assert report.validation_choices(validate(params), params) == [
+        "- none: every setting is fixed in the params file before any run"]

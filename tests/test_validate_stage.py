@@ -40,8 +40,12 @@ BAD_EDITS = {
                   "density.patches32.train.lr: Input should be a valid number, got 'fast'"),
     "unknown model": (lambda p: p["study"]["density"]["models"].append("cnn_matchd"),
                       "study.density.models: unknown model(s) ['cnn_matchd']; allowed: ['cnn', 'cnn_matched', 'sdn']"),
+    "negative margin": (lambda p: p["report"]["claims"]["density"].update(margin=-0.05),
+                        "report.claims.density.margin: Input should be greater than 0, got -0.05 (float)"),
+    "a family without a verdict rule": (lambda p: p["report"]["claims"].pop("disentanglement"),
+                                        "missing key report.claims.disentanglement"),
     "report typo": (lambda p: p["report"].update(confidenc=0.9),
-                    "report: unknown key 'confidenc'; allowed: ['confidence', 'dir']"),
+                    "report: unknown key 'confidenc'; allowed: ['claims', 'confidence', 'dir']"),
 }
 
 

@@ -4,6 +4,7 @@ judges the numbers by the paper's protocol, so it lives in the study layer, not 
 - ``tables``: statistics over seeds (pandas, scipy) and markdown/CSV tables
 - ``figures``: curves, bars and the sample grids
 - ``claims``: the paper's claims, the verdict rule and the run checks section
+- ``outliers``: the run checks' outlier rule (scaled MAD over seeds)
 - ``density``, ``disentanglement``: each family's claims, run checks, tables, figures and reductions
   (a ``FamilyReport``); ``index.FAMILIES`` selects them by family name
 - ``index``: ``build_report``, the index page
@@ -27,3 +28,4 @@ class FamilyReport(NamedTuple):
     section: Callable[..., list[str]]  # (records, params, paper, confidence, out_dir) -> index.md lines; writes its files
     reductions: Callable[[Mapping[str, Any]], list[str]]  # params -> what differs from the paper's protocol
     summary: tuple[str, ...] = ()  # eval metrics whose seed means go to summary.json (a DVC metric)
+    outlier_curve: tuple[str, str] = ("bpd", "train bpd")  # curve column and label shown for a flagged run
