@@ -102,7 +102,8 @@ def _configuration(study: Study, params: Mapping[str, Any]) -> list[str]:
     """What the study ran: seeds, per-dataset configs and budgets, FID, what was tuned, versions."""
     s = params["study"]
     index = ["## Configuration\n",
-             f"- study `{s['name']}`, seeds {list(s['seeds'])} ({s['runs_at_once']} at a time, "
+             f"- study `{s['name']}`, seeds {list(s['seeds'])} "
+             f"({'as many as cores' if s['runs_at_once'] == 'auto' else s['runs_at_once']} at a time, "
              f"{s['threads_per_run'] or 'default'} thread(s) each), MLflow experiments "
              + ", ".join(f"`{experiment_name(study.name, family)}`" for family in families())]
     for family in families():
