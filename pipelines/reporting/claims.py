@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.reporting.tables import markdown_table, metric_values, values_of, welch, write_csv
+from sdn.metrics.disentanglement import chance_level  # each metric declares its scores' chance levels
 
 RULE = ("supported: the CI of sdn − baseline excludes 0 in the paper's direction; contradicted: it "
         "excludes 0 the other way; inconclusive: it contains 0; not judged: degenerate inputs "
@@ -44,16 +45,6 @@ def verdict(ci_low: float, ci_high: float, lower_is_better: bool) -> str:
     better_side = (ci_high < 0) if lower_is_better else (ci_low > 0)
     worse_side = (ci_low > 0) if lower_is_better else (ci_high < 0)
     return "supported" if better_side else "contradicted" if worse_side else "inconclusive"
-
-
-def chance_level(metric: str, num_factors: Optional[int]) -> Optional[float]:
-    """Score of a representation that carries no information: 1/K for the BetaVAE and FactorVAE
-    classifiers (K ground-truth factors, balanced votes), 0 for MIG, SAP and DCI disentanglement."""
-    if metric.startswith(("beta_vae.", "factor_vae.")) and metric.endswith("accuracy"):
-        return 1.0 / num_factors if num_factors else None
-    if metric in ("mig.discrete_mig", "sap.SAP_score", "dci.disentanglement", "dci.completeness"):
-        return 0.0
-    return None
 
 
 def degenerate_reason(values: pd.DataFrame, claim: Claim, dataset: str, num_factors: Optional[int] = None,
@@ -117,9 +108,8 @@ def claims_section(records: Sequence[Mapping[str, Any]], families: Mapping[str, 
         row["caveats"] = caveats(all_checks, row["dataset"], ["sdn", row["comparison"].split(" − ")[1]])
     write_csv(rows, CLAIM_COLUMNS, out_dir / "claims.csv")
     write_csv(all_checks, CHECK_COLUMNS, out_dir / "run_checks.csv")
-    names = {m for r in records for m in r["metrics"]}
-    chance = sorted({f"{m} {chance_level(m, n):.3f} ({d}, {n} factors)" for d, n in num_factors.items()
-                     for m in names if chance_level(m, n) is not None and m.endswith("eval_accuracy")})
+    chance = sorted({f"{c.metric} {level:.3f} ({d}, {n} factors)" for d, n in num_factors.items() for c in claims
+                     if (level := chance_level(c.metric, n))})  # the judged scores' non-zero chance levels
     md = ["## Claims\n",
           f"Each row: `sdn − baseline` of the mean over seeds, its Welch {int(confidence * 100)} % CI, and the "
           f"verdict of this rule, applied to the numbers by `pipelines/reporting/claims.py`: {RULE}. "
