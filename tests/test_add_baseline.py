@@ -96,7 +96,7 @@ def test_add_the_documented_metric(extended):
     rows = {r["model"]: r for r in _csv(ws / "reports" / "disentanglement.csv")}
     for model in ("cnn", "sdn"):
         mean = (scores[(model, "0")] + scores[(model, "1")]) / 2
-        assert float(rows[model][f"{key}_mean"]) == pytest.approx(mean, rel=1e-6)
+        assert float(rows[model][f"{key}_mean"]) == pytest.approx(mean, rel=1e-5)  # the CSV keeps 6 digits
     header = next(line for line in (ws / "reports" / "disentanglement.md").read_text().splitlines()
                   if line.startswith("| dataset"))
     assert key in header
