@@ -144,6 +144,24 @@ def add_toy_baseline(workspace: Path) -> None:
     edit_params(workspace, edit)
 
 
+def documented_example(doc: str, section: str) -> str:
+    """The first ```python block after the heading ``section`` of ``docs/<doc>``, as written."""
+    text = (ROOT / "docs" / doc).read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(section):], re.S).group(1)
+
+
+def add_documented_metric(workspace: Path) -> str:
+    """docs/extending.md's example metric as its one file, and its name in the study's metrics; its name."""
+    (workspace / "sdn" / "metrics" / "disentanglement" / f"{DOCUMENTED_METRIC}.py").write_text(
+        documented_example("extending.md", "## Add a disentanglement metric"))
+    edit_params(workspace, lambda p: [section["metrics"]["metrics"].append(DOCUMENTED_METRIC)
+                                      for section in p["disentanglement"].values()])
+    return DOCUMENTED_METRIC
+
+
+DOCUMENTED_METRIC = "max_correlation"  # the metric of docs/extending.md's example
+
+
 def built_workspace(tmp_root: Path) -> tuple[Path, str]:
     """A workspace after one full `dvc repro` (cached for the session) and that repro's output.
 

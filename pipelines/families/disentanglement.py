@@ -34,8 +34,9 @@ class MetricsSection(Section):
     @classmethod
     def _known(cls, metrics: list[str]) -> list[str]:
         unknown = [m for m in metrics if m not in METRIC_NAMES]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; allowed: {METRIC_NAMES}")
+        if unknown or not metrics:
+            raise ValueError(f"{f'unknown metric(s) {unknown}' if unknown else 'no metric'}; allowed: "
+                             f"{list(METRIC_NAMES)} (the metric files of sdn/metrics/disentanglement)")
         return metrics
 
 
@@ -92,7 +93,7 @@ class Disentanglement(Family):
         return [paths.reconstructions]
 
     def evaluate(self, study, run, model: nn.Module, device: Any) -> dict[str, Any]:
-        """The five disentanglement metrics of the posterior mean, with the settings used, and the
+        """The configured disentanglement metrics of the posterior mean, with the settings used, and the
         active-dimension count that tells a collapsed model from a disentangled one."""
         from sdn.metrics.active_units import compute_active_units
         from sdn.metrics.disentanglement import compute_all

@@ -25,6 +25,7 @@ import pandas as pd
 from pipelines.reporting.figures import plot_curves, read_curve
 from pipelines.reporting.outliers import RULE as OUTLIER_RULE, flag_outliers
 from pipelines.reporting.tables import NA, fmt, markdown_table, metric_values, values_of, welch, write_csv
+from sdn.metrics.disentanglement import chance_level  # each metric declares its scores' chance levels
 
 MIN_ACTIVE_DIMS = 3  # fewer active latent dimensions than this: the VAE is treated as collapsed
 CLAIM_COLUMNS = ["claim", "dataset", "comparison", "diff", "ci_low", "ci_high", "half_width", "half_width_target",
@@ -65,16 +66,6 @@ def verdict(ci_low: float, ci_high: float, lower_is_better: bool, margin: Option
         word = "supported" if better_side else "contradicted"
         return f"{word} (by less than {_amount(margin, unit)})" if within else word
     return f"no difference beyond ±{_amount(margin, unit)}" if within else "inconclusive"
-
-
-def chance_level(metric: str, num_factors: Optional[int]) -> Optional[float]:
-    """Score of a representation that carries no information: 1/K for the BetaVAE and FactorVAE
-    classifiers (K ground-truth factors, balanced votes), 0 for MIG, SAP and DCI disentanglement."""
-    if metric.startswith(("beta_vae.", "factor_vae.")) and metric.endswith("accuracy"):
-        return 1.0 / num_factors if num_factors else None
-    if metric in ("mig.discrete_mig", "sap.SAP_score", "dci.disentanglement", "dci.completeness"):
-        return 0.0
-    return None
 
 
 def degenerate_reason(values: pd.DataFrame, claim: Claim, dataset: str, num_factors: Optional[int] = None,
@@ -217,9 +208,8 @@ def claims_section(records: Sequence[Mapping[str, Any]], families: Mapping[str, 
     shown = {name: [dict(c, failed=failures(c)) for c in rows_] for name, rows_ in checks.items()}
     write_csv(rows, CLAIM_COLUMNS, out_dir / "claims.csv")
     write_csv([c for rows_ in shown.values() for c in rows_], CHECK_COLUMNS, out_dir / "run_checks.csv")
-    names = {m for r in records for m in r["metrics"]}
-    chance = sorted({f"{m} {chance_level(m, n):.3f} ({d}, {n} factors)" for d, n in num_factors.items()
-                     for m in names if chance_level(m, n) is not None and m.endswith("eval_accuracy")})
+    chance = sorted({f"{c.metric} {level:.3f} ({d}, {n} factors)" for d, n in num_factors.items() for c in claims
+                     if (level := chance_level(c.metric, n))})  # the judged scores' non-zero chance levels
     units = {c.family: c.unit for c in claims}
     md = ["## Claims\n",
           f"Each row: `sdn − baseline` of the mean over seeds, its Welch {int(confidence * 100)} % CI, and the "

@@ -10,11 +10,9 @@ from pipelines.reporting.claims import MIN_ACTIVE_DIMS, Claim
 from pipelines.reporting.figures import curves, plot_bars, plot_curves
 from pipelines.reporting.tables import (COMPARISON_COLUMNS, COMPARISON_CSV, KEYS, comparison_rows, markdown_table,
                                         metric_rows, write_csv)
+from sdn.metrics.disentanglement import headline_scores, higher_is_better
+from sdn.metrics.disentanglement.registry import PAPER_METRICS
 
-# The scores the tables show and the claims judge (the CSV keeps every score the metrics returned).
-HEADLINE = ("beta_vae.eval_accuracy", "factor_vae.eval_accuracy", "mig.discrete_mig", "dci.disentanglement",
-            "dci.completeness", "dci.informativeness_test", "sap.SAP_score")
-PAPER_METRICS = ("beta_vae", "factor_vae", "mig", "dci", "sap")
 CHECK_TEXT = (f"VAEs: active latent dimensions (Burda et al.: Cov_x(E_q[z_j]) > 0.01; collapsed below "
               f"{MIN_ACTIVE_DIMS}). ")
 
@@ -25,14 +23,15 @@ def _names(records: Records) -> list[str]:
 
 
 def headline(records: Records) -> list[str]:
-    """The headline scores the runs recorded (all of them when none is a headline score)."""
+    """The headline scores (each metric's ``MetricSpec.headline``) the runs recorded (all of them when none is)."""
     names = _names(records)
-    return [m for m in HEADLINE if m in names] or names
+    return [m for m in headline_scores() if m in names] or names
 
 
 def claims(records: Records) -> list[Claim]:
     names = _names(records)
-    return [Claim(f"SDN decoder improves {m}", "disentanglement", m, "cnn", False) for m in HEADLINE if m in names]
+    return [Claim(f"SDN decoder improves {m}", "disentanglement", m, "cnn", not higher_is_better(m))
+            for m in headline_scores() if m in names]
 
 
 def num_factors(study: Any) -> dict[str, int]:
@@ -108,4 +107,4 @@ def reductions(params: Mapping[str, Any]) -> list[str]:
 
 REPORT = FamilyReport(claims=claims, num_factors=num_factors, run_checks=run_checks, check_text=CHECK_TEXT,
                       check_tables=check_tables, section=section, reductions=reductions,
-                      summary=HEADLINE + ("active_units.count",))
+                      summary=headline_scores() + ("active_units.count",))

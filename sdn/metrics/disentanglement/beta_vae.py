@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from sdn.data.ground_truth import GroundTruthData, RepresentationFn
 from sdn.metrics.disentanglement import utils
+from sdn.metrics.disentanglement.registry import MetricSpec, SampleCounts, Score, uniform_guess
 
 
 def compute_beta_vae(
@@ -84,3 +85,16 @@ def _generate_points(
     if groups:
         flush()
     return np.stack(features), labels
+
+
+def arguments(counts: SampleCounts) -> dict[str, int]:
+    """``compute_all``'s shared counts as this metric's keyword arguments."""
+    return dict(batch_size=counts.batch_size, num_train=counts.num_train, num_eval=counts.num_eval,
+                encode_batch_size=counts.encode_batch_size)
+
+
+METRIC = MetricSpec(
+    name="beta_vae", compute=compute_beta_vae, arguments=arguments,
+    scores={"train_accuracy": Score(chance=uniform_guess), "eval_accuracy": Score(chance=uniform_guess)},
+    headline=("eval_accuracy",),
+)

@@ -25,6 +25,7 @@ from sklearn.ensemble import GradientBoostingClassifier
 
 from sdn.data.ground_truth import GroundTruthData, RepresentationFn
 from sdn.metrics.disentanglement import utils
+from sdn.metrics.disentanglement.registry import MetricSpec, SampleCounts, Score, zero
 
 
 def compute_dci(
@@ -123,3 +124,16 @@ def completeness(importance: np.ndarray) -> float:
     per_factor = completeness_per_factor(importance)
     weights = importance if importance.sum() > 0 else np.ones_like(importance)
     return float(np.sum(per_factor * weights.sum(axis=0) / weights.sum()))
+
+
+def arguments(counts: SampleCounts) -> dict[str, int]:
+    """``compute_all``'s shared counts as this metric's keyword arguments (draws in encoder batches)."""
+    return dict(num_train=counts.num_train, num_test=counts.num_eval, batch_size=counts.encode_batch_size)
+
+
+METRIC = MetricSpec(
+    name="dci", compute=compute_dci, arguments=arguments,
+    scores={"disentanglement": Score(chance=zero), "completeness": Score(chance=zero),
+            "informativeness_train": Score(), "informativeness_test": Score()},
+    headline=("disentanglement", "completeness", "informativeness_test"),
+)

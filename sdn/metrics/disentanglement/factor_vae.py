@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from sdn.data.ground_truth import GroundTruthData, RepresentationFn
 from sdn.metrics.disentanglement import utils
+from sdn.metrics.disentanglement.registry import MetricSpec, SampleCounts, Score, uniform_guess
 
 
 def compute_factor_vae(
@@ -113,3 +114,18 @@ def _generate_votes(
     if groups:
         flush()
     return votes
+
+
+def arguments(counts: SampleCounts) -> dict[str, int]:
+    """``compute_all``'s shared counts as this metric's keyword arguments (the training sample size also
+    sets the global variance estimate)."""
+    return dict(batch_size=counts.batch_size, num_train=counts.num_train, num_eval=counts.num_eval,
+                num_variance_estimate=counts.num_train, encode_batch_size=counts.encode_batch_size)
+
+
+METRIC = MetricSpec(
+    name="factor_vae", compute=compute_factor_vae, arguments=arguments,
+    scores={"train_accuracy": Score(chance=uniform_guess), "eval_accuracy": Score(chance=uniform_guess),
+            "num_active_dims": Score()},
+    headline=("eval_accuracy",),
+)

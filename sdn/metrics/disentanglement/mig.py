@@ -10,6 +10,7 @@ import numpy as np
 
 from sdn.data.ground_truth import GroundTruthData, RepresentationFn
 from sdn.metrics.disentanglement import utils
+from sdn.metrics.disentanglement.registry import MetricSpec, SampleCounts, Score, zero
 
 
 def compute_mig(
@@ -44,3 +45,12 @@ def mutual_information_gap(info: np.ndarray, entropy: np.ndarray) -> float:
     """Mean over factors of (top - second I(code; factor)) / H(factor); ``info`` is (D, K)."""
     top_two = np.sort(info, axis=0)[::-1][:2]
     return float(np.mean((top_two[0] - top_two[1]) / entropy))
+
+
+def arguments(counts: SampleCounts) -> dict[str, int]:
+    """``compute_all``'s shared counts as this metric's keyword arguments (draws in encoder batches)."""
+    return dict(num_train=counts.num_train, batch_size=counts.encode_batch_size)
+
+
+METRIC = MetricSpec(name="mig", compute=compute_mig, arguments=arguments,
+                    scores={"discrete_mig": Score(chance=zero)}, headline=("discrete_mig",))

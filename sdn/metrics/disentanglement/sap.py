@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from sdn.data.ground_truth import GroundTruthData, RepresentationFn
 from sdn.metrics.disentanglement import utils
+from sdn.metrics.disentanglement.registry import MetricSpec, SampleCounts, Score, zero
 
 
 def compute_sap(
@@ -81,3 +82,12 @@ def top_two_gap(matrix: np.ndarray) -> float:
     """Mean over factors (columns) of the best minus the second-best code score."""
     ordered = np.sort(matrix, axis=0)
     return float(np.mean(ordered[-1] - ordered[-2]))
+
+
+def arguments(counts: SampleCounts) -> dict[str, int]:
+    """``compute_all``'s shared counts as this metric's keyword arguments (draws in encoder batches)."""
+    return dict(num_train=counts.num_train, num_test=counts.num_eval, batch_size=counts.encode_batch_size)
+
+
+METRIC = MetricSpec(name="sap", compute=compute_sap, arguments=arguments,
+                    scores={"SAP_score": Score(chance=zero)}, headline=("SAP_score",))
