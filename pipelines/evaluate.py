@@ -34,7 +34,7 @@ def evaluate_run(study: Study, run: Run, paths: RunPaths) -> None:
     ctx = setup_distributed("auto")
     tracker = run_id = None
     if ctx.is_main:
-        tracker = Tracker.for_family(study.name, run.family)
+        tracker = Tracker.for_family(study.name, study.family(run.family))
         run_id = tracker.run_of_model(paths.weights, tracker.key(run.dataset, run.model, run.seed),
                                       study.resolved(run), {"family": run.family, "study": study.name})
         if run_id is None:  # the store went away (warned once): the stage writes its outputs without MLflow
@@ -57,7 +57,7 @@ def evaluate_run(study: Study, run: Run, paths: RunPaths) -> None:
         # Logged into the (finished) training run without reopening it: its end time stays.
         tracker.log_metrics(run_id, {f"test/{k}": v for k, v in metrics.items()})
         tracker.log_artifact(run_id, paths.eval_metrics, "metrics", name="eval.json")
-        tracker.stage_done(run_id, "evaluate", run.family)
+        tracker.stage_done(run_id, "evaluate")
     barrier(ctx)
 
 

@@ -30,7 +30,7 @@ def fid_run(study: Study, run: Run, paths: RunPaths) -> None:
     ctx = setup_distributed("auto")
     tracker = run_id = None
     if ctx.is_main:
-        tracker = Tracker.for_family(study.name, run.family)
+        tracker = Tracker.for_family(study.name, study.family(run.family))
         run_id = tracker.run_of_model(paths.weights, tracker.key(run.dataset, run.model, run.seed),
                                       study.resolved(run), {"family": run.family, "study": study.name})
         if run_id is None:  # the store went away (warned once): the stage writes its outputs without MLflow
@@ -48,7 +48,7 @@ def fid_run(study: Study, run: Run, paths: RunPaths) -> None:
         # Each name is the metrics file's key (fid, kid = kid_mean, kid_std); n/a values are not logged.
         tracker.log_metrics(run_id, {f"fid/{k}": record.get(k) for k in ("fid", "kid", "kid_std")})
         tracker.log_artifact(run_id, paths.fid_metrics, "metrics", name="fid.json")
-        tracker.stage_done(run_id, "fid", run.family)
+        tracker.stage_done(run_id, "fid")
     barrier(ctx)
 
 

@@ -42,7 +42,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
 # Set before mlflow is imported anywhere: no telemetry, no background job workers.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -72,29 +72,22 @@ CURVE_FILE = "curve.csv"
 KEY_TAGS = ("dataset", "model", "seed")
 COMPLETE_TAG = "complete"
 # The stages that log into a run of each family; ``complete=true`` once all of them have.
-FAMILY_STAGES = {"density": ("train", "evaluate", "fid"), "disentanglement": ("train", "evaluate")}
 # Files DVC itself rewrites during `dvc repro` (outputs in git): not a sign of edited code or params.
 DVC_WRITTEN = ("dvc.lock", "results", "reports")
 _DVC_EXPS = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
-_FAMILY_TEXT = {
-    "density": (
-        "Density estimation: one run per trained (dataset, model, seed) of the `density` section. "
-        "`train/*` is the training curve (step = optimizer step), `validation/*` the validation "
-        "evaluations during training, `test/*` the evaluate stage's test metrics, `fid/*` FID and "
-        "KID of the model's samples."),
-    "disentanglement": (
-        "Disentanglement: one run per trained (dataset, model, seed) of the `disentanglement` "
-        "section. `train/*` is the training curve (step = optimizer step), `test/*` the evaluate "
-        "stage's disentanglement metrics of the encoder mean and the active latent dimensions."),
-}
+class TrackedFamily(Protocol):
+    """What tracking needs of a study family (``pipelines.families.Family`` has it)."""
+
+    name: str
+    stages: tuple[str, ...]  # a run is complete once every one of these stages is done
+    mlflow_text: str  # what its runs hold
 
 
-def experiment_description(study_name: str, family: str) -> str:
+def experiment_description(study_name: str, family: TrackedFamily) -> str:
     """The experiment's description (MLflow's ``mlflow.note.content``, Markdown)."""
-    what = _FAMILY_TEXT.get(family, f"Family `{family}`: one run per trained (dataset, model, seed).")
     return (
-        f"Study `{study_name}`, family `{family}`. {what}\n\n"
+        f"Study `{study_name}`, family `{family.name}`. {family.mlflow_text}\n\n"
         f"The numbers come from the DVC stages (`python -m pipelines.train|evaluate|fid`, run by "
         f"`dvc repro` / `dvc exp run`); the record is the DVC metrics files under "
         f"`results/{study_name}/metrics/` (`train/`, `eval/`, `fid/`) and the curves under "
@@ -360,12 +353,13 @@ class Tracker:
     """Opens one experiment in the store and logs into its runs."""
 
     def __init__(self, experiment: str, uri: Optional[str] = None, root: Optional[Path] = None,
-                 description: Optional[str] = None):
+                 description: Optional[str] = None, stages: tuple[str, ...] = ("train", "evaluate")):
         if not isinstance(experiment, str) or not experiment:
             raise ValueError(f"experiment must be a non-empty string, got {experiment!r}")
         self.root = Path(root) if root is not None else resolve_repo_root()
         self.uri = uri or tracking_uri(self.root)
         self.experiment = experiment
+        self.stages = tuple(stages)  # a run whose stages are all done is tagged complete
         # Where mlflow-artifacts:/ URIs point: the SQLite store's folder (what `mlflow server` run
         # there serves as ./mlartifacts); None for other stores, which handle artifacts themselves.
         folder = _sqlite_folder(self.uri)
@@ -420,10 +414,10 @@ class Tracker:
                 self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
 
     @classmethod
-    def for_family(cls, study_name: str, family: str, **kwargs: Any) -> "Tracker":
-        """The tracker of the experiment of ``family`` in study ``study_name``, with its description."""
-        return cls(experiment_name(study_name, family), description=experiment_description(study_name, family),
-                   **kwargs)
+    def for_family(cls, study_name: str, family: TrackedFamily, **kwargs: Any) -> "Tracker":
+        """The tracker of the experiment of ``family`` in study ``study_name``, with its description and stages."""
+        return cls(experiment_name(study_name, family.name), description=experiment_description(study_name, family),
+                   stages=family.stages, **kwargs)
 
     def key(self, dataset: str, model: str, seed: int) -> RunKey:
         return RunKey(self.experiment, dataset, model, int(seed))
@@ -557,8 +551,8 @@ class Tracker:
         self.client.set_tag(run_id, "failed_stage", stage)
         self.client.update_run(run_id, status="FAILED")
 
-    def stage_done(self, run_id: str, stage: str, family: str) -> None:
-        """Tag ``done_<stage>=true``; once every stage of ``family`` is done, ``complete=true``. A
+    def stage_done(self, run_id: str, stage: str) -> None:
+        """Tag ``done_<stage>=true``; once every stage of the family is done, ``complete=true``. A
         run a failed ``stage`` had marked FAILED is FINISHED again."""
         self.client.set_tag(run_id, f"done_{stage}", "true")
         run = self.client.get_run(run_id)
@@ -568,8 +562,7 @@ class Tracker:
         if run.info.status == "FAILED" and tags.get("failed_stage") == stage:
             self.client.delete_tag(run_id, "failed_stage")
             self.client.update_run(run_id, status="FINISHED")
-        needed = FAMILY_STAGES.get(family, ("train", "evaluate"))
-        if all(tags.get(f"done_{s}") == "true" for s in needed):
+        if all(tags.get(f"done_{s}") == "true" for s in self.stages):
             self.client.set_tag(run_id, COMPLETE_TAG, "true")
 
     def runs_with(self, key: RunKey, **tags: str) -> list:

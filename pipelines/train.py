@@ -114,7 +114,7 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
     if rank == 0:
         from pipelines.tracking import Tracker
 
-        tracker = Tracker.for_family(study.name, run.family)
+        tracker = Tracker.for_family(study.name, study.family(run.family))
     if rank == 0 and checkpoint_dir.exists() and not curve.exists():
         print(f"train: {curve} is missing, retraining {run.stage_suffix} from scratch", file=sys.stderr)
         from pipelines.tracking import abandon_run_in
@@ -213,7 +213,7 @@ def _export(study, run, paths, family, result, num_params, checkpoint_dir, curve
         tracker.log_artifact(run_id, path, name=path.name.removeprefix(f"seed{run.seed}_"))
     tracker.log_artifact(run_id, paths.train_metrics, "metrics", name="train.json")
     tracker.log_artifact(run_id, paths.curve, "metrics", name="train_curve.csv")
-    tracker.stage_done(run_id, "train", run.family)
+    tracker.stage_done(run_id, "train")
     tracker.finish(run_id)
 
 

@@ -9,6 +9,7 @@ import shutil
 import urllib.request
 
 from pipelines import tracking
+from pipelines.families import families
 
 import pipeline_harness as harness
 
@@ -28,7 +29,7 @@ def test_server_serves_artifacts_of_a_moved_store(tmp_path, monkeypatch):
     original.mkdir()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv(tracking.ROOT_ENV, str(original))
-    tracker = tracking.Tracker.for_family("moved", "density")
+    tracker = tracking.Tracker.for_family("moved", families()["density"])
     run_id = tracker.new_run(tracker.key("patches32", "sdn", 0), {"a": 1}, {})
     payload = bytes(range(256)) * 3
     src = tmp_path / "samples.png"

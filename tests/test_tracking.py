@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import tracking
+from pipelines.families import families
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,7 @@ def store(migrated_db, tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def tracker(store) -> tracking.Tracker:
-    return tracking.Tracker.for_family("test", "density")
+    return tracking.Tracker.for_family("test", families()["density"])
 
 
 def _git_init(path: Path) -> None:
@@ -89,11 +90,11 @@ def test_one_experiment_per_study_family_with_description_and_relative_artifacts
     assert "density" in note and "results/test/metrics/" in note and "test/<key>" in note
     # No absolute path in the store: the location is relative to the store's folder.
     assert exp.artifact_location == "mlflow-artifacts:/sdn-test-density"
-    other = tracking.Tracker.for_family("test", "disentanglement")
+    other = tracking.Tracker.for_family("test", families()["disentanglement"])
     assert other.experiment_id != tracker.experiment_id
     assert "disentanglement" in other.client.get_experiment(other.experiment_id).tags["mlflow.note.content"]
     # Reopening an experiment finds it again (no duplicate, description kept).
-    assert tracking.Tracker.for_family("test", "density").experiment_id == tracker.experiment_id
+    assert tracking.Tracker.for_family("test", families()["density"]).experiment_id == tracker.experiment_id
     with pytest.raises(ValueError, match="experiment"):
         tracking.Tracker("")
 
@@ -189,7 +190,7 @@ def test_later_stages_log_into_the_finished_run_without_moving_its_end(tracker, 
     key = tracker.key("patches32", "sdn", 0)
     weights = _weights(tmp_path / "models" / "seed0" / tracking.WEIGHTS_FILE, b"trained weights")
     run_id = tracker.new_run(key, {}, {tracking.WEIGHTS_TAG: hashlib.sha256(b"trained weights").hexdigest()})
-    tracker.stage_done(run_id, "train", "density")
+    tracker.stage_done(run_id, "train")
     tracker.finish(run_id)
     end = tracker.client.get_run(run_id).info.end_time
     # Another run with the same weights (an identical DVC experiment): each stage picks its own.
@@ -203,7 +204,7 @@ def test_later_stages_log_into_the_finished_run_without_moving_its_end(tracker, 
     assert tracker.run_of_model(weights, key, {}, {}) == twin
     tracker.client.set_tag(twin, tracking.CHECKPOINT_TAG, "/elsewhere/checkpoints/cfg")
     tracker.log_metrics(run_id, {"test/iw_bpd": 2.5})  # MLflow accepts metrics on a finished run
-    tracker.stage_done(run_id, "evaluate", "density")
+    tracker.stage_done(run_id, "evaluate")
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.end_time == end and run.data.metrics["test/iw_bpd"] == 2.5
     assert "complete" not in run.data.tags
@@ -211,7 +212,7 @@ def test_later_stages_log_into_the_finished_run_without_moving_its_end(tracker, 
     tracker.stage_failed(run_id, "fid")
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FAILED" and run.info.end_time == end
-    tracker.stage_done(run_id, "fid", "density")
+    tracker.stage_done(run_id, "fid")
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.end_time == end and run.data.tags["complete"] == "true"
     assert "failed_stage" not in run.data.tags
@@ -246,7 +247,7 @@ def test_open_training_run_new_resumed_finished_and_stale(tracker, tmp_path):
     # A SIGKILL leaves it RUNNING; the rerun reopens it and does not log steps it already has.
     again = tracking.open_training_run(tracker, ckpts / "cfg", key, {}, {})
     assert (again.run_id, again.mode) == (first.run_id, "resumed")
-    fresh = tracking.Tracker.for_family("test", "density")  # the rerun is a new process
+    fresh = tracking.Tracker.for_family("test", families()["density"])  # the rerun is a new process
     fresh.reopen(first.run_id)
     fresh.log_metrics(first.run_id, {"train/loss": 2.0}, step=4)
     fresh.log_metrics(first.run_id, {"train/loss": 1.0}, step=6)
@@ -277,7 +278,8 @@ def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path):
     import os
     import sys
 
-    code = ("from pipelines import tracking; t = tracking.Tracker.for_family('race', 'density'); "
+    code = ("from pipelines import tracking; from pipelines.families import families; "
+            "t = tracking.Tracker.for_family('race', families()['density']); "
             "t.finish(t.new_run(t.key('d', 'm', 0), {}, {}))")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env.update({tracking.ROOT_ENV: str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -295,7 +297,7 @@ def test_description_written_by_a_concurrent_stage_does_not_fail_this_one(store,
     """A server's SQL store answers a second insert of the description tag with a unique-key violation
     (two stages of a parallel queue opening a new experiment together): the stage reads the tag back and
     goes on, rewriting it when the other stage wrote another text."""
-    description = tracking.experiment_description("test", "density")
+    description = tracking.experiment_description("test", families()["density"])
     written = {"other": description if other_text == "same" else "an older description"}
     real_set = tracking.MlflowClient.set_experiment_tag
     calls = []
@@ -308,7 +310,7 @@ def test_description_written_by_a_concurrent_stage_does_not_fail_this_one(store,
         return real_set(self, experiment_id, key, value)
 
     monkeypatch.setattr(tracking.MlflowClient, "set_experiment_tag", racing_set)
-    tracker = tracking.Tracker.for_family("test", "density")
+    tracker = tracking.Tracker.for_family("test", families()["density"])
     tags = tracking.MlflowClient(tracker.uri).get_experiment(tracker.experiment_id).tags
     assert tags["mlflow.note.content"] == description
     assert len(calls) == (1 if other_text == "same" else 2)
@@ -328,7 +330,7 @@ def test_a_tracker_opened_after_the_server_went_away_lets_the_stage_go_on(store,
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     monkeypatch.setenv("DVC_STAGE", "train_density@toy-sdn")
-    tracker = tracking.Tracker.for_family("test", "density", uri=uri)
+    tracker = tracking.Tracker.for_family("test", families()["density"], uri=uri)
     assert tracker.lost is not None and uri in tracker.lost
     assert tracker.experiment_id is None
     key = tracker.key("toy", "sdn", 0)
@@ -340,3 +342,17 @@ def test_a_tracker_opened_after_the_server_went_away_lets_the_stage_go_on(store,
     assert tracker.run_of_model(weights, key, {"lr": 1}, {}) is None  # evaluate and fid go on without a run
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "dvc repro -f --single-item train_density@toy-sdn" in warnings[0]
+
+
+def test_a_family_brings_its_own_stages_and_description(store):
+    """Tracking knows no family: the family object says which stages complete a run and what its runs hold."""
+    from types import SimpleNamespace
+
+    toy = SimpleNamespace(name="toyfam", stages=("train",), mlflow_text="Toy runs hold `train/*` only.")
+    tracker = tracking.Tracker.for_family("test", toy)
+    described = tracking.MlflowClient(tracker.uri).get_experiment(tracker.experiment_id)
+    assert described.name == "sdn-test-toyfam"
+    assert described.tags["mlflow.note.content"].startswith("Study `test`, family `toyfam`. Toy runs hold `train/*` only.")
+    run_id = tracker.new_run(tracker.key("d", "m", 0), {}, {})
+    tracker.stage_done(run_id, "train")
+    assert tracker.client.get_run(run_id).data.tags["complete"] == "true"  # density would also need evaluate, fid

@@ -2,7 +2,8 @@
 
 A family (density, disentanglement) says which datasets and models it takes, how its params section
 looks, how a config is resolved and a model built, what its runs write besides the common outputs,
-and how a trained model is scored. A new family is one module here plus one entry in ``FAMILIES``.
+and how a trained model is scored, which DVC stages a run goes through, what its MLflow runs hold and
+which curves its plots draw. A new family is one module here plus one entry in ``families()``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class Family:
     has_factors: bool  # factor datasets (disentanglement) or plain image datasets (density)
     section: type[BaseModel]  # the params section ``<family>.<dataset>``
     report: "FamilyReport"  # its tables, figures, claims and run checks in the study report
+    stages: tuple[str, ...] = ("train", "evaluate")  # the per-run DVC stages: all done = MLflow run complete
+    # What its MLflow runs hold, for the experiment's description (pipelines.tracking.experiment_description).
+    mlflow_text: str = "one run per trained (dataset, model, seed); `train/*` is the training curve."
+    # Curve columns the DVC plots draw (``reports/plots/<dataset>.csv``), with their labels.
+    plot_metrics: Mapping[str, str] = {"loss": "train loss"}
 
     def model_names(self) -> tuple[str, ...]:
         """The model names the study may list under ``study.<family>.models``."""

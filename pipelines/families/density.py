@@ -47,6 +47,12 @@ class Density(Family):
 
     name = "density"
     has_factors = False
+    stages = ("train", "evaluate", "fid")
+    mlflow_text = ("Density estimation: one run per trained (dataset, model, seed) of the `density` section. "
+                   "`train/*` is the training curve (step = optimizer step), `validation/*` the validation "
+                   "evaluations during training, `test/*` the evaluate stage's test metrics, `fid/*` FID and "
+                   "KID of the model's samples.")
+    plot_metrics = {"bpd": "train bpd", "val_elbo_bpd": "validation bpd"}
     report = REPORT
     section = DensitySection
 

@@ -51,6 +51,11 @@ class Disentanglement(Family):
 
     name = "disentanglement"
     has_factors = True
+    stages = ("train", "evaluate")
+    mlflow_text = ("Disentanglement: one run per trained (dataset, model, seed) of the `disentanglement` "
+                   "section. `train/*` is the training curve (step = optimizer step), `test/*` the evaluate "
+                   "stage's disentanglement metrics of the encoder mean and the active latent dimensions.")
+    plot_metrics = {"loss": "train loss"}
     report = REPORT
     section = DisentanglementSection
 

@@ -23,9 +23,6 @@ from pipelines.runs import experiment_name, results_paths
 from pipelines.study import Study, validate
 
 PAPER_FID_SAMPLES = 50_000
-# Curve columns in the DVC plot data (``<report.dir>/plots/<dataset>.csv``), per family: column -> label.
-PLOT_METRICS = {"density": {"bpd": "train bpd", "val_elbo_bpd": "validation bpd"},
-                "disentanglement": {"loss": "train loss"}}
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
@@ -91,8 +88,8 @@ def _plot_data(records: Records, params: Mapping[str, Any], plots: Path) -> None
     """``plots/<dataset>.csv``: every run's curves of each dataset in one long table, which dvc.yaml's
     top-level ``plots`` draws as one chart per dataset with the models overlaid (docs/dvc.md)."""
     shutil.rmtree(plots, ignore_errors=True)
-    for family in families():
-        metrics = PLOT_METRICS.get(family, {"loss": "train loss"})
+    for family, spec in families().items():
+        metrics = dict(spec.plot_metrics)
         for dataset in params["study"][family]["datasets"]:
             write_plot_data([r for r in records if r["family"] == family], dataset,
                             list(params["study"][family]["models"]), metrics, plots / f"{dataset}.csv")
