@@ -71,7 +71,6 @@ WEIGHTS_FILE = "eval_weights.pt"  # the name of the evaluation weights (pipeline
 CURVE_FILE = "curve.csv"
 KEY_TAGS = ("dataset", "model", "seed")
 COMPLETE_TAG = "complete"
-# The stages that log into a run of each family; ``complete=true`` once all of them have.
 # Files DVC itself rewrites during `dvc repro` (outputs in git): not a sign of edited code or params.
 DVC_WRITTEN = ("dvc.lock", "results", "reports")
 _DVC_EXPS = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
