@@ -428,8 +428,9 @@ class Tracker:
             max_results=1000,
         )
 
-    def new_run(self, key: RunKey, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        """Create a run for ``key``, log its params and tags; return its id."""
+    def new_run(self, key: RunKey, params: Mapping[str, Any], tags: Mapping[str, str]) -> Optional[str]:
+        """Create a run for ``key``, log its params and tags; return its id (None when the store has gone
+        away: like every call of the guarded client, the stage then goes on without MLflow)."""
         git = git_state()
         base_tags = {
             "dataset": key.dataset, "model": key.model, "seed": str(key.seed), **git,
@@ -445,7 +446,7 @@ class Tracker:
         base_tags.update({k: str(v) for k, v in tags.items()})
         run = self.client.create_run(self.experiment_id, run_name=key.run_name, tags=base_tags)
         if run is None:
-            raise StoreError(f"{self.lost}; no MLflow run could be created")
+            return None
         run_id = run.info.run_id
         self._logged[run_id] = set()
         items = list(flatten(params).items())
@@ -581,8 +582,6 @@ class Tracker:
         store has gone away (the stage goes on without MLflow)."""
         digest = weights_digest(weights)
         runs = self.runs_with(key, **{WEIGHTS_TAG: digest})
-        if self.lost is not None:
-            return None
         if runs:
             folder = str(Path(weights).resolve().parent) + os.sep
             experiment = os.environ.get("DVC_EXP_NAME", "workspace")
@@ -595,7 +594,8 @@ class Tracker:
             return run.info.run_id
         why = f"no run of this store trained {weights} (sha256 {digest})"
         run_id = self.new_run(key, params, {**tags, WEIGHTS_TAG: digest, "note": why})
-        self.client.set_terminated(run_id, "FINISHED")
+        if run_id is not None:
+            self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
 
@@ -631,7 +631,7 @@ class TrainingRun:
 
 
 def open_training_run(tracker: Tracker, checkpoint_dir: Path, key: RunKey, params: Mapping[str, Any],
-                      tags: Mapping[str, str], weights: Optional[Path] = None) -> TrainingRun:
+                      tags: Mapping[str, str], weights: Optional[Path] = None) -> Optional[TrainingRun]:
     """The run of the training whose checkpoint folder is ``checkpoint_dir``.
 
     When the folder exists, the newest run tagged with it on this host (:func:`runs_trained_in`) is
@@ -640,7 +640,7 @@ def open_training_run(tracker: Tracker, checkpoint_dir: Path, key: RunKey, param
     (a copied or moved clone) is a finished run's when the exported ``weights`` and the configuration
     are that run's. Otherwise a new run is created, tagged with the folder and the configuration
     fingerprint (its name). Runs of sibling checkpoint folders (stale configurations the stage is
-    about to delete) still RUNNING are marked KILLED.
+    about to delete) still RUNNING are marked KILLED. None when the store has gone away.
     """
     checkpoint_dir = Path(checkpoint_dir).resolve()
     for other in {Path(r.data.tags.get(CHECKPOINT_TAG, "")) for r in _runs_on_this_host(tracker, key)}:
@@ -660,6 +660,8 @@ def open_training_run(tracker: Tracker, checkpoint_dir: Path, key: RunKey, param
         return TrainingRun(run.info.run_id, "resumed")
     run_id = tracker.new_run(key, params, {**tags, CONFIG_TAG: checkpoint_dir.name,
                                            CHECKPOINT_TAG: str(checkpoint_dir)})
+    if run_id is None:  # the store went away: the stage trains without MLflow
+        return None
     # A folder trained while the store was away has a curve no run holds yet.
     backfill_curve(tracker, run_id, checkpoint_dir / CURVE_FILE)
     return TrainingRun(run_id, "new")

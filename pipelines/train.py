@@ -123,20 +123,16 @@ def train_run(study: Study, run: Run, paths: RunPaths) -> None:
         shutil.rmtree(checkpoint_dir)
     callbacks = []
     if rank == 0:
-        from pipelines.tracking import MlflowCallback, StoreError, open_training_run
+        from pipelines.tracking import MlflowCallback, open_training_run
 
         # The run is tagged with the checkpoint folder before training starts: an interrupted
-        # training resumes its checkpoint and its MLflow run together.
-        try:
-            mlflow_run = open_training_run(
-                tracker, checkpoint_dir, tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
-                {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
-                weights=paths.weights,
-            )
-        except StoreError:
-            if tracker.lost is None:
-                raise
-            mlflow_run = None  # the store went away (warned once, with the command that completes the run later)
+        # training resumes its checkpoint and its MLflow run together. None: the store went away
+        # (warned once, with the command that completes the run later).
+        mlflow_run = open_training_run(
+            tracker, checkpoint_dir, tracker.key(run.dataset, run.model, run.seed), study.resolved(run),
+            {"family": run.family, "study": study.name, "stage": f"train_{run.family}@{run.stage_suffix}"},
+            weights=paths.weights,
+        )
         callbacks = [CurveWriter(curve)]
         if mlflow_run is not None:
             callback = MlflowCallback(tracker, mlflow_run.run_id)
